@@ -1,0 +1,197 @@
+"""Building blocks of the S3-DiT: norms, 3-axis RoPE, attention, SwiGLU, the transformer block.
+
+Module and parameter names follow the ComfyUI single-file layout (fused ``attention.qkv``,
+``attention.out``, ``q_norm``/``k_norm``), so that file loads without renaming; the diffusers
+layout is mapped onto it by the key table in :mod:`zimage_core.checkpoints`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DiTConfig
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Bidirectional attention over ``[B, H, S, D]``; ``mask`` is a bool ``[B, 1, 1, S]`` (True = attend) or None."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with the statistics in float32 (as the reference), output in the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        y = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
+        return (y.to(self.weight.dtype) * self.weight).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE: interleaved pairs, one frequency table per axis, positions are integer (axis0, h, w).
+# ---------------------------------------------------------------------------------------------
+class Rope:
+    """cos/sin tables for a set of token positions, shaped ``[B, S, 1, head_dim/2]`` (float32)."""
+
+    __slots__ = ("cos", "sin")
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        self.cos, self.sin = cos, sin
+
+
+def rope_angles(pos: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
+    """Angles ``[..., head_dim/2]`` for integer positions ``[..., 3]``.
+
+    Frequencies are built in float64 and the angles rounded to float32, exactly like the reference
+    tables (``theta ** (-arange(0, d, 2) / d)``, outer product in float64, then ``.float()``).
+    """
+    parts = []
+    for axis, d in enumerate(cfg.axes_dims):
+        freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=pos.device) / d))
+        parts.append((pos[..., axis].to(torch.float64)[..., None] * freqs).float())
+    return torch.cat(parts, dim=-1)
+
+
+def make_rope(pos: torch.Tensor, cfg: DiTConfig) -> Rope:
+    """Rope tables for positions ``[B, S, 3]``; rows of padding may carry any position."""
+    for axis, limit in enumerate(cfg.axes_lens):
+        top = int(pos[..., axis].max()) if pos.numel() else 0
+        if top >= limit:
+            raise ValueError(
+                f"RoPE position {top} on axis {axis} exceeds the model's table ({limit}); "
+                "use a shorter prompt or a smaller image."
+            )
+    ang = rope_angles(pos, cfg)
+    return Rope(torch.cos(ang).unsqueeze(2), torch.sin(ang).unsqueeze(2))
+
+
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate interleaved pairs ``(x[2i], x[2i+1])`` of ``x`` ``[B, S, H, D]`` in float32."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = rope.cos, rope.sin
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.attention_fn: AttentionFn = sdpa_attention
+
+    def forward(self, x: torch.Tensor, rope: Rope, mask: torch.Tensor | None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, self.head_dim).unbind(2)
+        q = apply_rope(self.q_norm(q), rope)
+        k = apply_rope(self.k_norm(k), rope)
+        o = self.attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        return self.out(o.transpose(1, 2).reshape(b, s, -1).to(x.dtype))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Modulation:
+    """The four per-block vectors, already as ``1 + scale`` and ``tanh(gate)``, broadcastable to ``[B, S, dim]``."""
+
+    __slots__ = ("scale_msa", "gate_msa", "scale_mlp", "gate_mlp")
+
+    def __init__(self, scale_msa, gate_msa, scale_mlp, gate_mlp):
+        self.scale_msa, self.gate_msa, self.scale_mlp, self.gate_mlp = scale_msa, gate_msa, scale_mlp, gate_mlp
+
+
+def select_per_token(noisy: torch.Tensor, clean: torch.Tensor, noise_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, C]`` noisy/clean vectors -> ``[B, S, C]`` chosen by ``noise_mask`` ``[B, S]`` (1 = noisy)."""
+    return torch.where(noise_mask.unsqueeze(-1) == 1, noisy.unsqueeze(1), clean.unsqueeze(1))
+
+
+class TransformerBlock(nn.Module):
+    """Sandwich-norm block; modulated blocks take ``1 + scale`` and ``tanh(gate)`` from the t-embedding."""
+
+    def __init__(self, cfg: DiTConfig, modulated: bool):
+        super().__init__()
+        self.dim = cfg.dim
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+        self.attention_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.modulated = modulated
+        if modulated:
+            self.adaLN_modulation = nn.Sequential(nn.Linear(cfg.adaln_dim, 4 * cfg.dim, bias=True))
+
+    def modulation(
+        self, adaln: torch.Tensor, adaln_clean: torch.Tensor | None = None, noise_mask: torch.Tensor | None = None
+    ) -> Modulation:
+        """Vectors for t-embedding ``adaln`` ``[B, adaln_dim]``; per token when a noise mask is given (Omni)."""
+
+        def split(e: torch.Tensor):
+            s1, g1, s2, g2 = self.adaLN_modulation(e).chunk(4, dim=-1)
+            return 1.0 + s1, g1.tanh(), 1.0 + s2, g2.tanh()
+
+        noisy = split(adaln)
+        if noise_mask is None:
+            return Modulation(*(v.unsqueeze(1) for v in noisy))
+        clean = split(adaln_clean)
+        return Modulation(*(select_per_token(n, c, noise_mask) for n, c in zip(noisy, clean)))
+
+    def forward(self, x: torch.Tensor, rope: Rope, mask: torch.Tensor | None, mod: Modulation | None = None):
+        if mod is None:
+            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask))
+            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+        x = x + mod.gate_msa * self.attention_norm2(self.attention(self.attention_norm1(x) * mod.scale_msa, rope, mask))
+        return x + mod.gate_mlp * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * mod.scale_mlp))
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoid (cos first) -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, out_dim: int, mid_dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, mid_dim), nn.SiLU(), nn.Linear(mid_dim, out_dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.dim = cfg.dim
+        self.linear = nn.Linear(cfg.dim, cfg.patch_dim, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.adaln_dim, cfg.dim, bias=True))
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``scale`` is ``1 + adaLN(c)``, broadcastable to ``x``."""
+        return self.linear(F.layer_norm(x, (self.dim,), eps=1e-6) * scale)

@@ -1,0 +1,214 @@
+"""The ``zimage`` command line: ``generate``, ``convert`` and ``info``.
+
+Bad input (a missing file, the wrong kind of checkpoint, a size that is not a multiple of 16, an
+unknown sampler) ends with one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import ZImageError
+
+log = logging.getLogger("zimage")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        self.exit(2, f"zimage: error: {message} (see zimage {self.prog.split()[-1]} --help)\n")
+
+
+def _multiple_of_16(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if v < 16 or v % 16:
+        raise argparse.ArgumentTypeError(f"{v} is not a positive multiple of 16 (VAE x8 times patch 2)")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .sampling import SAMPLERS
+
+    p = _Parser(prog="zimage", description="Z-Image (S3-DiT) inference and checkpoint tools.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and chosen")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="text to image (also img2img / inpainting)")
+    src = g.add_argument_group("model files")
+    src.add_argument("--model", help="diffusers-layout folder (transformer/, text_encoder/, tokenizer/, vae/)")
+    src.add_argument("--transformer", help="DiT file (ComfyUI z_image_turbo_bf16.safetensors, or any layout)")
+    src.add_argument("--text-encoder", help="Qwen3 file or folder (ComfyUI qwen_3_4b.safetensors)")
+    src.add_argument("--vae", help="Flux VAE (ae.safetensors) or diffusers vae/ folder")
+    src.add_argument("--tokenizer", help="tokenizer folder (default: found next to the text encoder)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative", default=None, help="negative prompt (used when --cfg > 1)")
+    g.add_argument("--width", type=_multiple_of_16, default=1024)
+    g.add_argument("--height", type=_multiple_of_16, default=1024)
+    g.add_argument("--steps", type=int, default=8)
+    g.add_argument("--cfg", type=float, default=1.0, help="ComfyUI convention: 1 = off (Turbo), ~4 for Base")
+    g.add_argument("--cfg-normalization", type=float, default=0.0, help="cap |guided| at this x |cond| (0 = off)")
+    g.add_argument("--cfg-truncation", type=float, default=1.0, help="no guidance once 1 - sigma exceeds this")
+    g.add_argument("--shift", type=float, default=3.0)
+    g.add_argument("--sampler", default="euler", choices=sorted(SAMPLERS), metavar="{" + ",".join(sorted(SAMPLERS)) + "}")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch", type=int, default=1)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    g.add_argument("--max-length", type=int, default=512, help="prompt token limit (0 = none)")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="repeatable")
+    g.add_argument("--init-image", help="start from this image (img2img)")
+    g.add_argument("--denoise", type=float, default=1.0, help="img2img strength (ComfyUI denoise)")
+    g.add_argument("--mask", help="inpainting mask image (white = repaint); needs --init-image")
+    g.add_argument("--vae-tile", default="auto", help="VAE tile size in pixels, 'auto' or 0 (off)")
+    g.add_argument("--out", required=True, help="output PNG; with --batch B: <stem>_<i><suffix>")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("convert", help="rewrite a DiT checkpoint in another layout, losslessly")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--layout", required=True, choices=["comfyui", "diffusers", "zimage"])
+    c.add_argument("--dtype", default="keep", choices=["keep", "bf16", "fp16", "fp32"])
+    c.set_defaults(func=cmd_convert)
+
+    i = sub.add_parser("info", help="what a checkpoint is: layout and inferred architecture")
+    i.add_argument("path")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def output_paths(out: str, n: int) -> list[Path]:
+    p = Path(out)
+    if n == 1:
+        return [p]
+    return [p.with_name(f"{p.stem}_{i}{p.suffix}") for i in range(n)]
+
+
+def _png_info(params: dict):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    human = ", ".join(f"{k}: {v}" for k, v in params.items() if k not in ("prompt", "negative"))
+    text = f"{params.get('prompt')}\nNegative prompt: {params.get('negative') or ''}\n{human}"
+    info.add_text("parameters", text)
+    info.add_text("zimage", json.dumps(params, default=str))
+    return info
+
+
+def cmd_generate(args) -> int:
+    from .pipeline import GenerateOptions, ZImagePipeline
+
+    if args.mask and not args.init_image:
+        raise ZImageError("--mask needs --init-image (the picture to inpaint).")
+    opts = GenerateOptions(
+        prompt=args.prompt, negative=args.negative, width=args.width, height=args.height, steps=args.steps,
+        cfg=args.cfg, shift=args.shift, sampler=args.sampler, seed=args.seed, batch=args.batch,
+        cfg_normalization=args.cfg_normalization, cfg_truncation=args.cfg_truncation,
+        max_length=args.max_length or None, denoise=args.denoise,
+    )
+    opts.validate()
+    t0 = time.perf_counter()
+    pipe = ZImagePipeline.load(args.model, args.transformer, args.text_encoder, args.vae, args.tokenizer,
+                               device=args.device, dtype=args.dtype)
+    loras = _apply_loras(pipe, args.lora)
+    t_load = time.perf_counter() - t0
+    tile = None if args.vae_tile in ("0", "off", "none") else (args.vae_tile if args.vae_tile == "auto" else int(args.vae_tile))
+    init, mask = _init_latents(pipe, opts, args.init_image, args.mask) if args.init_image else (None, None)
+    images = pipe.generate(opts, init_latents=init, mask=mask, tile=tile)
+    params = {"prompt": opts.prompt, "negative": opts.negative, "width": opts.width, "height": opts.height,
+              "steps": opts.steps, "cfg": opts.cfg, "shift": opts.shift, "sampler": opts.sampler, "seed": opts.seed,
+              "batch": opts.batch, "loras": loras, "model": args.model or args.transformer, "generator": "zimage"}
+    for i, (img, path) in enumerate(zip(images, output_paths(args.out, len(images)))):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path, pnginfo=_png_info({**params, "index": i}))
+        log.info("wrote %s", path)
+    log.info("done in %.1fs (load %.1fs)", time.perf_counter() - t0, t_load)
+    return 0
+
+
+def _apply_loras(pipe, specs: list[str]) -> list[str]:
+    if not specs:
+        return []
+    from .lora import apply_loras, load_lora, parse_lora_arg
+
+    pairs = []
+    for spec in specs:
+        path, strength = parse_lora_arg(spec)
+        pairs.append((load_lora(path), strength))
+    apply_loras(pipe.dit, pairs, mode="merge")
+    return specs
+
+
+def _init_latents(pipe, opts, init_image: str, mask_path: str | None):
+    """Encode the img2img start image (VAE mean) and the optional inpainting mask at latent size."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .sampling import prepare_mask
+    from .vae import pil_to_tensor
+
+    img = _open_image(init_image).convert("RGB").resize((opts.width, opts.height), Image.LANCZOS)
+    with torch.inference_mode():
+        x0 = pipe.vae.encode(pil_to_tensor([img]).to(pipe.device))
+    mask = None
+    if mask_path:
+        m = _open_image(mask_path).convert("L").resize((opts.width, opts.height), Image.NEAREST)
+        mask = prepare_mask(torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0), x0.shape[-2], x0.shape[-1])
+    return x0, mask
+
+
+def _open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(path)
+    except FileNotFoundError:
+        raise ZImageError(f"image '{path}' does not exist.") from None
+    except UnidentifiedImageError:
+        raise ZImageError(f"'{path}' is not an image PIL can read.") from None
+
+
+def cmd_convert(args) -> int:
+    from .checkpoints import convert_dit
+
+    out = convert_dit(args.src, args.dst, args.layout, None if args.dtype == "keep" else args.dtype)
+    log.info("wrote %s (%s layout)", out, args.layout)
+    return 0
+
+
+def cmd_info(args) -> int:
+    import dataclasses
+
+    from .checkpoints import DiTCheckpoint
+
+    ckpt = DiTCheckpoint(args.path)
+    sys.stdout.write(json.dumps({"layout": ckpt.layout, "config": dataclasses.asdict(ckpt.config)}, indent=2) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ZImageError as e:
+        sys.stderr.write(f"zimage: error: {e}\n")
+        return 2
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        sys.stderr.write(f"zimage: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("zimage: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

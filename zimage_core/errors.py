@@ -12,3 +12,11 @@ class ZImageError(Exception):
 
 class CheckpointError(ZImageError):
     """A weight file or folder is missing, unreadable, or not the kind that was expected."""
+
+
+class Cancelled(ZImageError):
+    """The user stopped a running job (sampling loop, download, training step)."""
+
+
+class LoraError(ZImageError):
+    """A LoRA file does not fit the model (unknown keys, wrong shapes) or is not a LoRA at all."""

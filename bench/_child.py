@@ -25,14 +25,22 @@ def main() -> None:
         import torch
         from diffusers import ZImagePipeline
 
-        pipe = ZImagePipeline.from_pretrained(model, torch_dtype=torch.float32, local_files_only=True)
+        pipe = ZImagePipeline.from_pretrained(model, dtype=torch.float32, local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
         img = pipe(prompt=PROMPT, height=int(height), width=int(width), num_inference_steps=int(steps),
                    guidance_scale=0.0, generator=torch.Generator("cpu").manual_seed(int(seed))).images[0]
         img.save(out)
     wall = time.perf_counter() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     print(json.dumps({"engine": engine, "wall_s": wall, "peak_rss_mb": peak_mb}))
+
+
+def peak_rss_mb() -> float:
+    """This process's own high-water mark (VmHWM); ru_maxrss would include the parent's peak before exec."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 PROMPT = "a watercolor painting of a red fox sitting in fresh snow, soft morning light, pine trees behind"

@@ -29,10 +29,22 @@ class TinyModel:
     dit_config: DiTConfig
 
 
+# The fixture carries Qwen2.5's chat template (it adds a default system prompt); the Z-Image repos ship Qwen3's,
+# whose user-turn rendering is this. diffusers' reference pipeline formats prompts through it.
+QWEN3_USER_TEMPLATE = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}"
+)
+
+
 def load_tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(FIXTURE_TOKENIZER), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(FIXTURE_TOKENIZER), local_files_only=True)
+    tok.chat_template = QWEN3_USER_TEMPLATE
+    return tok
 
 
 def build_tiny_model(folder: Path, seed: int = 0, dit_cfg: DiTConfig | None = None,
@@ -64,4 +76,4 @@ def build_tiny_model(folder: Path, seed: int = 0, dit_cfg: DiTConfig | None = No
 def reference_pipeline(model: TinyModel):
     from diffusers import ZImagePipeline
 
-    return ZImagePipeline.from_pretrained(model.root, torch_dtype=torch.float32, local_files_only=True)
+    return ZImagePipeline.from_pretrained(model.root, dtype=torch.float32, local_files_only=True)

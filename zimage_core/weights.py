@@ -1,6 +1,6 @@
 """Reading and writing safetensors weights without holding two copies of a model.
 
-``WeightSource`` opens one file or a sharded folder lazily (memory-mapped by safetensors), and
+``WeightSource`` opens one file or a sharded folder lazily (tensors are read, not memory-mapped), and
 ``materialize`` moves tensors one at a time into a module built on the meta device, converting
 each to the target dtype and device as it goes. Peak host memory is therefore about one copy of
 the model in its target dtype, never the file plus the model.
@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import CheckpointError
@@ -50,27 +49,73 @@ def resolve_weight_files(path: str | os.PathLike, what: str = "weights") -> list
     return files
 
 
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class _File:
+    """One safetensors file: its header parsed once, tensors read with ``pread`` into fresh memory.
+
+    Reading (instead of memory-mapping) keeps the file's pages out of this process's resident set, so
+    loading a model costs one copy of it, and every tensor lands in ordinary aligned memory.
+    """
+
+    def __init__(self, path: Path, what: str):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if not 0 < n < 100 * 2**20:
+                    raise ValueError("bad header length")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{what}: cannot read '{path}' as safetensors ({e}). Is the download complete?") from e
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.base = 8 + n
+        self.entries = header
+        size = path.stat().st_size
+        for k, e in header.items():
+            if e.get("dtype") not in _DTYPES or e["data_offsets"][1] + self.base > size:
+                raise CheckpointError(
+                    f"{what}: tensor '{k}' in '{path}' is truncated or of an unsupported type ({e.get('dtype')}). "
+                    "Is the download complete?"
+                )
+
+    def read(self, key: str) -> torch.Tensor:
+        e = self.entries[key]
+        start, end = e["data_offsets"]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        if end > start:
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(self.base + start)
+                view = memoryview(buf.numpy())
+                got = 0
+                while got < len(view):
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise CheckpointError(f"'{self.path}' ended early while reading '{key}'.")
+                    got += n
+        return buf.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
+
+
 class WeightSource(Mapping):
     """A read-only, lazy ``{key: tensor}`` view over one or more safetensors files.
 
-    ``rename`` maps stored keys to the keys callers see (e.g. to strip a prefix). Tensors are read
-    from the memory map only when indexed.
+    Tensors are read from disk only when indexed, each into its own fresh buffer.
     """
 
     def __init__(self, files: Iterable[str | os.PathLike], what: str = "weights"):
         self.files = [Path(f) for f in files]
         self.what = what
-        self._handles = []
+        self._handles = [_File(f, what) for f in self.files]
         self._where: dict[str, tuple[int, str]] = {}
         self.metadata: dict[str, str] = {}
-        for i, f in enumerate(self.files):
-            try:
-                h = safe_open(str(f), framework="pt", device="cpu")
-            except Exception as e:  # noqa: BLE001 - safetensors raises several kinds
-                raise CheckpointError(f"{what}: cannot read '{f}' as safetensors ({e}). Is the download complete?") from e
-            self._handles.append(h)
-            self.metadata.update(h.metadata() or {})
-            for k in h.keys():
+        for i, h in enumerate(self._handles):
+            self.metadata.update(h.metadata)
+            for k in h.entries:
                 self._where[k] = (i, k)
 
     @classmethod
@@ -79,7 +124,7 @@ class WeightSource(Mapping):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         i, stored = self._where[key]
-        return self._handles[i].get_tensor(stored)
+        return self._handles[i].read(stored)
 
     def __iter__(self):
         return iter(self._where)
@@ -89,11 +134,11 @@ class WeightSource(Mapping):
 
     def shape(self, key: str) -> tuple[int, ...]:
         i, stored = self._where[key]
-        return tuple(self._handles[i].get_slice(stored).get_shape())
+        return tuple(self._handles[i].entries[stored]["shape"])
 
     def dtype_name(self, key: str) -> str:
         i, stored = self._where[key]
-        return self._handles[i].get_slice(stored).get_dtype()
+        return self._handles[i].entries[stored]["dtype"]
 
     def renamed(self, fn: Callable[[str], str | None]) -> WeightSource:
         """A view whose keys are ``fn(key)``; keys mapped to None are hidden."""
@@ -141,9 +186,7 @@ def materialize(
         if tuple(t.shape) != tuple(target.shape):
             raise CheckpointError(f"{what}: '{name}' has shape {tuple(t.shape)}, expected {tuple(target.shape)}.")
         want = t.dtype if (keep_dtype(name) or not t.is_floating_point()) else dtype
-        # Always a fresh, aligned copy: a tensor left on the file's memory map makes CPU kernels
-        # (oneDNN convolutions in particular) measurably slower, and keeps the file mapped.
-        t = t.to(device=device, dtype=want, copy=True)
+        t = t.to(device=device, dtype=want)
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         if isinstance(target, torch.nn.Parameter):

@@ -1,0 +1,27 @@
+"""The Z-Image node pack (classic V1 node API). Importing this package never imports ComfyUI.
+
+Node ids and the order of their widgets are public API: saved workflows store widget values by position.
+Never rename, reorder or insert inputs; add a new node (``...V2``) instead.
+"""
+
+from .conditioning import ZImageTextEncode
+from .loaders import ZImageLoraLoader, ZImageModelLoader, ZImageTextEncoderLoader
+from .sampler import ZImageTurboSampler
+
+NODE_CLASS_MAPPINGS = {
+    "ZImageModelLoader": ZImageModelLoader,
+    "ZImageTextEncoderLoader": ZImageTextEncoderLoader,
+    "ZImageTextEncode": ZImageTextEncode,
+    "ZImageTurboSampler": ZImageTurboSampler,
+    "ZImageLoraLoader": ZImageLoraLoader,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ZImageModelLoader": "Z-Image Model Loader",
+    "ZImageTextEncoderLoader": "Z-Image Text Encoder Loader",
+    "ZImageTextEncode": "Z-Image Text Encode",
+    "ZImageTurboSampler": "Z-Image Sampler",
+    "ZImageLoraLoader": "Z-Image LoRA Loader",
+}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,491 @@
+"""The node classes, tested where ComfyUI is absent (ComfyUI's modules are faked where a test needs them)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import nodes
+from nodes import conditioning, handles, host, loaders, paths, sampler
+from tests.factories import comfy as C
+from tests.factories.pipeline import FIXTURE_TOKENIZER, build_tiny_model
+from zimage_core.errors import ZImageError
+from zimage_core.pipeline import GenerateOptions, ZImagePipeline, initial_noise
+from zimage_core.vae import to_raw_space
+
+pytestmark = pytest.mark.skipif(not FIXTURE_TOKENIZER.exists(), reason="../shared/fixtures/qwen25_tokenizer is absent")
+ROOT = Path(__file__).resolve().parents[1]
+
+# Node ids and widget order are public API: saved workflows store widget values by position.
+PUBLIC_API = {
+    "ZImageModelLoader": ["model_name", "weight_dtype", "attention", "memory_mode"],
+    "ZImageTextEncoderLoader": ["text_encoder_name", "weight_dtype"],
+    "ZImageTextEncode": ["text_encoder", "text", "max_length"],
+    "ZImageTurboSampler": ["model", "positive", "latent_image", "seed", "steps", "cfg", "shift", "sampler_name",
+                           "denoise", "negative", "seed_variance"],
+    "ZImageLoraLoader": ["model", "lora_name", "strength"],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("nodes")
+    model = build_tiny_model(tmp, seed=31)
+    C.install_models(model, tmp / "models", dit_names=("z_image_turbo_bf16.safetensors",))
+    model.models = tmp / "models"
+    return model
+
+
+@pytest.fixture()
+def env(tiny, monkeypatch):
+    monkeypatch.setenv("ZIMAGE_MODELS_DIR", str(tiny.models))
+    return tiny
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ZIMAGE_MODELS_DIR", str(tiny.models))
+    try:
+        model = loaders.ZImageModelLoader().load("z_image_turbo_bf16.safetensors")[0]
+        te = loaders.ZImageTextEncoderLoader().load("qwen_3_4b.safetensors")[0]
+    finally:
+        mp.undo()
+    return model, te
+
+
+def encode(te, text, max_length=512):
+    return conditioning.ZImageTextEncode().encode(te, text, max_length)[0]
+
+
+def empty_latent(w=64, h=48, b=1):
+    return C.EmptySD3LatentImage().generate(w, h, b)[0]
+
+
+def run(model, cond, latent=None, seed=7, steps=3, **kw):
+    args = dict(seed=seed, steps=steps, cfg=1.0, shift=3.0, sampler_name="euler", denoise=1.0)
+    args.update(kw)
+    return sampler.ZImageTurboSampler().sample(model, cond, latent or empty_latent(), **args)[0]
+
+
+# ---------------------------------------------------------------------------------------------- contract
+def test_node_ids_and_widget_order_are_stable():
+    assert set(nodes.NODE_CLASS_MAPPINGS) == set(PUBLIC_API) == set(nodes.NODE_DISPLAY_NAME_MAPPINGS)
+    for node_id, names in PUBLIC_API.items():
+        it = nodes.NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()
+        assert list(it["required"]) + list(it.get("optional", {})) == names, node_id
+
+
+@pytest.mark.parametrize("node_id", sorted(PUBLIC_API))
+def test_node_contract(node_id):
+    cls = nodes.NODE_CLASS_MAPPINGS[node_id]
+    assert node_id.startswith("ZImage") and cls.CATEGORY.startswith("Z-Image/")
+    assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 40
+    assert isinstance(cls.RETURN_TYPES, tuple) and callable(getattr(cls, cls.FUNCTION))
+    assert not hasattr(cls, "IS_CHANGED") and not hasattr(cls, "VALIDATE_INPUTS")
+    it = cls.INPUT_TYPES()
+    for section in ("required", "optional"):
+        for name, spec in it.get(section, {}).items():
+            assert len(spec) == 2 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+    assert len(getattr(cls, "OUTPUT_TOOLTIPS", ())) == len(cls.RETURN_TYPES)
+
+
+def test_root_package_imports_without_comfyui():
+    for name in ("folder_paths", "comfy", "comfy.utils", "server", "latent_preview"):
+        assert name not in sys.modules
+    spec = importlib.util.spec_from_file_location("zimage_pack_under_test", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    try:
+        spec.loader.exec_module(mod)
+        assert set(mod.NODE_CLASS_MAPPINGS) == set(PUBLIC_API)
+        # Loaded as a package (as ComfyUI does), the nodes use the engine that ships beside them.
+        assert "zimage_pack_under_test.zimage_core.errors" in sys.modules
+    finally:
+        for k in [k for k in sys.modules if k.startswith("zimage_pack_under_test")]:
+            del sys.modules[k]
+    assert "folder_paths" not in sys.modules and "comfy" not in sys.modules
+
+
+# ---------------------------------------------------------------------------------------------- loaders
+def test_model_lists_show_files_and_diffusers_folders(env, tmp_path):
+    import shutil
+
+    shutil.copytree(env.root, env.models / "diffusion_models" / "Z-Image-Tiny", dirs_exist_ok=True)
+    try:
+        names = paths.list_models("diffusion_models")
+        assert "Z-Image-Tiny" in names and "z_image_turbo_bf16.safetensors" in names
+        assert not any(n.startswith("Z-Image-Tiny/") for n in names)  # shards are hidden inside their folder
+        assert paths.list_models("text_encoders") == ["qwen_3_4b.safetensors"]
+        folder = loaders.ZImageModelLoader().load("Z-Image-Tiny")[0]
+        single = loaders.ZImageModelLoader().load("z_image_turbo_bf16.safetensors")[0]
+        a, b = folder.slot.dit.state_dict(), single.slot.dit.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        shutil.copytree(env.root, env.models / "text_encoders" / "Z-Image-Tiny", dirs_exist_ok=True)
+        assert paths.list_models("text_encoders") == ["Z-Image-Tiny", "qwen_3_4b.safetensors"]
+        te_folder = loaders.ZImageTextEncoderLoader().load("Z-Image-Tiny")[0]  # tokenizer/ found in the root
+        te_file = loaders.ZImageTextEncoderLoader().load("qwen_3_4b.safetensors")[0]
+        assert torch.equal(te_folder.encoder.encode(["a cat"])[0], te_file.encoder.encode(["a cat"])[0])
+    finally:
+        shutil.rmtree(env.models / "diffusion_models" / "Z-Image-Tiny")
+        shutil.rmtree(env.models / "text_encoders" / "Z-Image-Tiny", ignore_errors=True)
+
+
+def test_loader_errors_say_where_to_put_files(env):
+    with pytest.raises(ZImageError, match=r"models/diffusion_models.*refresh"):
+        loaders.ZImageModelLoader().load("missing.safetensors")
+    with pytest.raises(ZImageError, match="not found"):
+        loaders.ZImageModelLoader().load("../vae/ae.safetensors")  # no escaping the model folder
+    import shutil
+
+    shutil.copy(env.models / "vae" / "ae.safetensors", env.models / "diffusion_models" / "wrong.safetensors")
+    try:
+        with pytest.raises(ZImageError, match="holds a VAE"):
+            loaders.ZImageModelLoader().load("wrong.safetensors")
+    finally:
+        (env.models / "diffusion_models" / "wrong.safetensors").unlink()
+    with pytest.raises(ZImageError, match="memory_mode 'lowvram' is not available"):
+        loaders.ZImageModelLoader().load("z_image_turbo_bf16.safetensors", memory_mode="lowvram")
+    with pytest.raises(ZImageError, match="not found"):
+        loaders.ZImageTextEncoderLoader().load("nope.safetensors")
+
+
+def test_dtypes_and_fp16_guard(env, monkeypatch):
+    model = loaders.ZImageModelLoader().load("z_image_turbo_bf16.safetensors", weight_dtype="auto")[0]
+    assert model.dtype == torch.float32 and model.slot.dit.dtype == torch.float32  # auto on a CPU
+    assert loaders.pick_dtype("auto", torch.device("cpu")) == torch.float32
+    fp16 = loaders.ZImageModelLoader().load("z_image_turbo_bf16.safetensors", weight_dtype="fp16")[0]
+    assert fp16.slot.dit.dtype == torch.float16  # this checkpoint passes native ComfyUI's fp16 test
+    monkeypatch.setattr(loaders, "FP16_STD_LIMIT", 0.0)
+    with pytest.raises(ZImageError, match="fp16 is refused.*bf16"):
+        loaders.ZImageModelLoader().load("z_image_turbo_bf16.safetensors", weight_dtype="fp16")
+
+
+def test_text_encoder_finds_comfyui_tokenizer(env, tmp_path, monkeypatch):
+    import shutil
+
+    lone = tmp_path / "text_encoders"
+    lone.mkdir()
+    shutil.copy(env.models / "text_encoders" / "qwen_3_4b.safetensors", lone / "qwen_3_4b.safetensors")
+    monkeypatch.setenv("ZIMAGE_MODELS_DIR", str(tmp_path))
+    with pytest.raises(ZImageError, match="no Qwen tokenizer found"):
+        loaders.ZImageTextEncoderLoader().load("qwen_3_4b.safetensors")
+    # Inside ComfyUI: its bundled comfy/text_encoders/qwen25_tokenizer is the last resort.
+    comfy_root = tmp_path / "ComfyUI" / "comfy"
+    shutil.copytree(FIXTURE_TOKENIZER, comfy_root / "text_encoders" / "qwen25_tokenizer")
+    utils = types.ModuleType("comfy.utils")
+    utils.__file__ = str(comfy_root / "utils.py")
+    monkeypatch.setitem(sys.modules, "comfy.utils", utils)
+    handle = loaders.ZImageTextEncoderLoader().load("qwen_3_4b.safetensors")[0]
+    assert host.comfy_tokenizer_dir() == (comfy_root / "text_encoders" / "qwen25_tokenizer").resolve()
+    assert handle.hidden_size == 32
+
+
+def test_folder_paths_used_inside_comfyui(env, monkeypatch):
+    fp = types.ModuleType("folder_paths")
+    fp.get_folder_paths = lambda kind: [str(env.models / kind)]
+    fp.get_filename_list = lambda kind: sorted(p.name for p in (env.models / kind).glob("*.safetensors"))
+    fp.get_full_path = lambda kind, name: str(env.models / kind / name) if (env.models / kind / name).exists() else None
+    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+    monkeypatch.setenv("ZIMAGE_MODELS_DIR", "/nonexistent")
+    assert loaders.ZImageModelLoader.INPUT_TYPES()["required"]["model_name"][0] == ["z_image_turbo_bf16.safetensors"]
+    assert paths.resolve("vae", "ae.safetensors") == env.models / "vae" / "ae.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------- text encode
+def test_text_encode_gives_native_conditioning(loaded, env):
+    _, te = loaded
+    cond = conditioning.ZImageTextEncode().encode(te, "a cat on a sofa")[0]
+    assert isinstance(cond, list) and len(cond) == 1
+    tensor, opts = cond[0]
+    assert tensor.dtype == torch.float32 and tensor.ndim == 3 and tensor.shape[0] == 1 and tensor.shape[2] == 32
+    assert opts["pooled_output"] is None
+    assert opts["attention_mask"].dtype == torch.long and torch.equal(opts["attention_mask"], torch.ones(1, tensor.shape[1], dtype=torch.long))
+    ref = te.encoder.encode(["a cat on a sofa"])[0]
+    assert torch.equal(tensor[0], ref.float())
+
+
+def test_text_encode_reports_truncation(loaded, caplog, monkeypatch):
+    _, te = loaded
+    shown = []
+    monkeypatch.setattr(host, "send_text", lambda node_id, text: shown.append((node_id, text)))
+    with caplog.at_level(logging.WARNING):
+        cond = conditioning.ZImageTextEncode().encode(te, " ".join(f"w{i}" for i in range(60)), 20, unique_id="4")[0]
+    assert cond[0][0].shape[1] == 20
+    assert any("Prompt cut" in r.getMessage() for r in caplog.records)
+    assert shown and shown[-1][0] == "4" and "dropped" in shown[-1][1]
+    unlimited = conditioning.ZImageTextEncode().encode(te, " ".join(f"w{i}" for i in range(60)), 0)[0]
+    assert unlimited[0][0].shape[1] > 20
+    with pytest.raises(ZImageError, match="not a Z-Image text encoder"):
+        conditioning.ZImageTextEncode().encode("clip", "x")
+
+
+# ---------------------------------------------------------------------------------------------- sampler
+def test_noise_is_native_comfyui_noise():
+    lat = torch.zeros(2, 16, 6, 8)
+    assert torch.equal(sampler.prepare_noise(lat, 123), torch.randn(lat.size(), generator=torch.manual_seed(123)))
+    assert torch.equal(sampler.prepare_noise(lat, 5), initial_noise(2, 48, 64, 5))
+    full = sampler.prepare_noise(torch.zeros(4, 16, 6, 8), 9)
+    assert torch.equal(sampler.prepare_noise(lat, 9, batch_index=[3, 1]), full[[3, 1]])
+
+
+def test_sampler_matches_engine_pipeline(loaded):
+    model, te = loaded
+    cond = encode(te, "a lighthouse")
+    out = run(model, cond, seed=11, steps=4)
+    assert set(out) == {"samples"} and out["samples"].shape == (1, 16, 6, 8) and out["samples"].dtype == torch.float32
+    pipe = ZImagePipeline(model.slot.dit, te.encoder, None, "cpu")
+    opts = GenerateOptions(prompt="a lighthouse", width=64, height=48, steps=4, seed=11)
+    ref = pipe.sample(pipe.encode_prompts(["a lighthouse"]), None, initial_noise(1, 48, 64, 11), opts)
+    assert torch.equal(out["samples"], to_raw_space(ref))  # raw Flux-VAE space out
+    assert torch.equal(run(model, cond, seed=11, steps=4)["samples"], out["samples"])
+    assert not torch.equal(run(model, cond, seed=12, steps=4)["samples"], out["samples"])
+    varied = run(model, cond, seed=11, steps=4, seed_variance=0.3)["samples"]
+    assert not torch.equal(varied, out["samples"])
+
+
+@pytest.mark.parametrize("name", ["res_multistep", "heun", "dpmpp_2m"])
+def test_other_samplers(loaded, name):
+    model, te = loaded
+    out = run(model, encode(te, "x"), steps=3, sampler_name=name)
+    assert torch.isfinite(out["samples"]).all()
+
+
+def test_batch_cfg_and_padded_native_conditioning(loaded):
+    model, te = loaded
+    pos, neg = encode(te, "a red apple"), encode(te, "blurry")
+    out = run(model, pos, empty_latent(b=2), steps=2, cfg=4.0, negative=neg)
+    assert out["samples"].shape[0] == 2 and not torch.equal(out["samples"][0], out["samples"][1])
+    # Native conditioning may carry padding marked in attention_mask: padded tokens are dropped.
+    t, opts = pos[0]
+    padded = [[torch.cat([t, torch.randn(1, 5, t.shape[2])], 1),
+               {"pooled_output": None, "attention_mask": torch.cat([opts["attention_mask"], torch.zeros(1, 5, dtype=torch.long)], 1)}]]
+    assert torch.equal(run(model, padded)["samples"], run(model, pos)["samples"])
+
+
+def test_core_conditioning_node_results_are_accepted(loaded):
+    model, te = loaded
+    pos = encode(te, "a red apple")
+    t, opts = pos[0]
+    zero_out = [[torch.zeros_like(t), {**opts, "pooled_output": None}]]  # core ConditioningZeroOut
+    concat = [[torch.cat([t, encode(te, "on a table")[0][0]], 1), opts.copy()]]  # core ConditioningConcat
+    out = run(model, concat, steps=2, cfg=3.0, negative=zero_out)
+    assert torch.isfinite(out["samples"]).all()
+    assert not torch.equal(out["samples"], run(model, pos, steps=2, cfg=3.0, negative=zero_out)["samples"])
+
+
+def test_img2img_and_inpainting(loaded):
+    model, te = loaded
+    cond = encode(te, "a bowl")
+    src = {"samples": torch.randn(1, 16, 6, 8, generator=torch.Generator().manual_seed(0))}
+    assert torch.equal(run(model, cond, src, denoise=0.0)["samples"], src["samples"])
+    part = run(model, cond, src, denoise=0.5)["samples"]
+    assert not torch.allclose(part, run(model, cond, src)["samples"])
+    mask = torch.zeros(1, 48, 64)
+    mask[:, :, 32:] = 1.0  # repaint the right half
+    inp = run(model, cond, C.SetLatentNoiseMask().set_mask(src, mask)[0])
+    assert "noise_mask" in inp
+    assert torch.allclose(inp["samples"][..., :3], src["samples"][..., :3], atol=1e-5)
+    assert not torch.allclose(inp["samples"][..., 5:], src["samples"][..., 5:], atol=1e-2)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(latent_image={"samples": torch.zeros(1, 4, 6, 8)}), "EmptySD3LatentImage"),
+    (dict(latent_image={"samples": torch.zeros(1, 16, 5, 8)}), "multiples of 16"),
+    (dict(latent_image="x"), "not a LATENT"),
+    (dict(cfg=3.0), "nothing is connected to negative"),
+    (dict(sampler_name="ddim"), "unknown"),
+    (dict(positive=[[torch.zeros(1, 7, 768), {}]]), "expects .1, tokens, 32.*another text encoder"),
+    (dict(positive=[[torch.zeros(1, 7, 32), {}], [torch.zeros(1, 7, 32), {}]]), "has 2 entries"),
+    (dict(model="MODEL"), "not a Z-Image model"),
+])
+def test_sampler_errors_are_readable(loaded, bad, match):
+    model, te = loaded
+    args = dict(model=model, positive=encode(te, "x"), latent_image=empty_latent(), seed=1, steps=2, cfg=1.0,
+                shift=3.0, sampler_name="euler", denoise=1.0)
+    args.update(bad)
+    with pytest.raises(ZImageError, match=match):
+        sampler.ZImageTurboSampler().sample(**args)
+
+
+# ---------------------------------------------------------------------------------------------- ComfyUI hooks
+@pytest.fixture()
+def fake_comfy(monkeypatch):
+    """Minimal stand-ins for comfy.model_management / comfy.utils / latent_preview / comfy.latent_formats."""
+    state = types.SimpleNamespace(interrupt_at=None, updates=[], previews=[], loads=[], registered=[])
+
+    class Interrupted(Exception):
+        pass
+
+    mm = types.ModuleType("comfy.model_management")
+    mm.InterruptProcessingException = Interrupted
+
+    def throw():
+        if state.interrupt_at is not None and len(state.updates) >= state.interrupt_at:
+            raise Interrupted()
+
+    mm.throw_exception_if_processing_interrupted = throw
+    mm.load_models_gpu = lambda models, force_full_load=False, **k: state.loads.append((models, force_full_load))
+    mm.get_torch_device = lambda: torch.device("cpu")
+    utils = types.ModuleType("comfy.utils")
+
+    class ProgressBar:
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            state.updates.append((value, total))
+            throw()
+
+    utils.ProgressBar = ProgressBar
+    lp = types.ModuleType("latent_preview")
+
+    def prepare_callback(model, steps):
+        bar = ProgressBar(steps)
+
+        def cb(step, x0, x, total):
+            state.previews.append((model.model.latent_format, tuple(x0.shape)))
+            bar.update_absolute(step + 1, total)
+        return cb
+
+    lp.prepare_callback = prepare_callback
+    lf = types.ModuleType("comfy.latent_formats")
+    lf.Flux = type("Flux", (), {})
+    mpatch = types.ModuleType("comfy.model_patcher")
+
+    class ModelPatcher:
+        def __init__(self, model, load_device, offload_device):
+            self.model = model
+            state.registered.append(self)
+
+    mpatch.ModelPatcher = ModelPatcher
+    for name, mod in (("comfy.model_management", mm), ("comfy.utils", utils), ("latent_preview", lp),
+                      ("comfy.latent_formats", lf), ("comfy.model_patcher", mpatch)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    state.Interrupted = Interrupted
+    return state
+
+
+def test_progress_previews_and_cancel(loaded, fake_comfy, monkeypatch):
+    model, te = loaded
+    cond = encode(te, "a fox")
+    run(model, cond, steps=4)
+    assert [u[0] for u in fake_comfy.updates] == [1, 2, 3, 4]
+    assert len(fake_comfy.previews) == 4 and fake_comfy.previews[0][1] == (1, 16, 6, 8)
+    calls = []
+    real = model.slot.dit.denoise
+    monkeypatch.setattr(model.slot.dit, "denoise", lambda *a: calls.append(1) or real(*a))
+    fake_comfy.updates.clear()
+    fake_comfy.interrupt_at = 1  # Cancel pressed during step 1
+    with pytest.raises(fake_comfy.Interrupted):
+        run(model, cond, steps=8)
+    assert len(calls) == 1  # stopped within one step
+
+
+def test_models_register_with_comfyui_memory_management(env, fake_comfy):
+    model = loaders.ZImageModelLoader().load("z_image_turbo_bf16.safetensors")[0]
+    te = loaders.ZImageTextEncoderLoader().load("qwen_3_4b.safetensors")[0]
+    assert model.slot.patcher is not None and te.patcher is not None
+    assert model.slot.patcher.model.inner is model.slot.dit and isinstance(model.slot.patcher.model, host.ManagedModule)
+    cond = conditioning.ZImageTextEncode().encode(te, "x")[0]
+    run(model, cond, steps=1)
+    assert [m[0][0] for m in fake_comfy.loads] == [te.patcher, model.slot.patcher]
+    assert all(force for _, force in fake_comfy.loads)
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+class FakeLora:
+    """A stand-in for zimage_core.lora (merge mode: W += strength * up @ down, in place)."""
+
+    def __init__(self, deltas):
+        self.deltas = deltas
+
+
+def fake_lora_module(files):
+    mod = types.ModuleType("zimage_core.lora")
+    mod.load_lora = lambda path: files[Path(path).name]
+
+    def apply_loras(model, pairs, mode="merge"):
+        params = dict(model.named_parameters())
+        for lora, strength in pairs:
+            missing = [k for k in lora.deltas if k not in params]
+            if missing:
+                raise ZImageError(f"LoRA keys match nothing in the model: {missing}")
+            for k, d in lora.deltas.items():
+                params[k].data.add_(strength * d.to(params[k].device, params[k].dtype))
+    mod.apply_loras = apply_loras
+    return mod
+
+
+def test_lora_stack_shares_and_restores_weights(loaded, env, monkeypatch):
+    model, te = loaded
+    key = "layers.0.attention.qkv.weight"
+    shape = model.slot.dit.get_parameter(key).shape
+    files = {"a.safetensors": FakeLora({key: torch.full(shape, 0.01)}),
+             "b.safetensors": FakeLora({"layers.1.feed_forward.w1.weight": torch.full(
+                 model.slot.dit.get_parameter("layers.1.feed_forward.w1.weight").shape, 0.02)}),
+             "bad.safetensors": FakeLora({"not.a.key": torch.zeros(1)})}
+    for name in files:
+        (env.models / "loras" / name).write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "zimage_core.lora", fake_lora_module(files))
+    base_w = model.slot.dit.get_parameter(key).detach().clone()
+    cond = encode(te, "x")
+    base = run(model, cond)["samples"]
+    one = loaders.ZImageLoraLoader().load(model, "a.safetensors", 1.0)[0]
+    two = loaders.ZImageLoraLoader().load(one, "b.safetensors", 0.5)[0]
+    assert one.slot is model.slot and two.slot is model.slot and model.loras == () and len(two.loras) == 2
+    assert loaders.ZImageLoraLoader().load(model, "a.safetensors", 0.0)[0] is model
+    with_two = run(two, cond)["samples"]
+    assert torch.allclose(model.slot.dit.get_parameter(key), base_w + 0.01)
+    assert not torch.equal(with_two, base)
+    assert torch.equal(run(model, cond)["samples"], base)  # the base view gets its weights back
+    assert torch.equal(model.slot.dit.get_parameter(key), base_w)
+    assert torch.equal(run(two, cond)["samples"], with_two)
+    with pytest.raises(ZImageError, match="not.a.key"):
+        loaders.ZImageLoraLoader().load(model, "bad.safetensors", 1.0)
+    model.slot.unpatch()
+
+
+def test_real_lora_files(loaded, env):
+    try:
+        importlib.import_module("zimage_core.lora")
+    except ModuleNotFoundError:
+        pytest.skip("zimage_core.lora is not written yet (another issue); the LoRA node is tested with a stand-in above")
+    from zimage_core.weights import save_safetensors
+
+    model, te = loaded
+    dit = model.slot.dit
+    save_safetensors(C.peft_lora(dit, ["layers.0.attention.to_q", "layers.1.feed_forward.w1"]),
+                     env.models / "loras" / "real.safetensors")
+    bad = C.peft_lora(dit, ["layers.0.feed_forward.w1"])
+    bad["transformer.nonexistent_block.lora_A.weight"] = torch.zeros(2, 4)
+    bad["transformer.nonexistent_block.lora_B.weight"] = torch.zeros(4, 2)
+    save_safetensors(bad, env.models / "loras" / "bad.safetensors")
+    cond = encode(te, "x")
+    base = run(model, cond)["samples"]
+    styled = run(loaders.ZImageLoraLoader().load(model, "real.safetensors", 1.0)[0], cond)["samples"]
+    assert not torch.equal(styled, base)
+    assert torch.equal(run(model, cond)["samples"], base)
+    with pytest.raises(ZImageError, match="nonexistent"):
+        loaders.ZImageLoraLoader().load(model, "bad.safetensors", 1.0)
+
+
+def test_missing_lora_module_is_a_clear_error(loaded, env, monkeypatch):
+    model, _ = loaded
+    (env.models / "loras" / "a.safetensors").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "zimage_core.lora", None)
+    with pytest.raises(ZImageError, match="LoRA support needs"):
+        loaders.ZImageLoraLoader().load(model, "a.safetensors", 1.0)
+
+
+def test_handles_repr(loaded):
+    model, te = loaded
+    assert "z_image_turbo_bf16" in repr(model) and "qwen_3_4b" in repr(te)
+    assert isinstance(model, handles.ZImageModel)

@@ -180,7 +180,10 @@ def materialize(
             f"{what}: the weights do not fit the model built from them. Missing: {_short(missing)}; "
             f"unexpected: {_short(unexpected)}. The file may be truncated or of another model family."
         )
-    for name, getter in tensors.items():
+    from tqdm.auto import tqdm
+
+    for name, getter in tqdm(tensors.items(), total=len(tensors), desc=f"loading {what}", unit="tensor",
+                             disable=None, leave=False):
         t = getter()
         target = expected[name]
         if tuple(t.shape) != tuple(target.shape):

@@ -37,6 +37,13 @@ def unpatchify(tokens: torch.Tensor, h: int, w: int, p: int, c: int) -> torch.Te
     return tokens.view(b, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
 
 
+def _caption_positions(padded_len: int, start: int, device) -> torch.Tensor:
+    """Caption token k (real or pad) sits at (start + k, 0, 0)."""
+    pos = torch.zeros(padded_len, 3, dtype=torch.int64, device=device)
+    pos[:, 0] = torch.arange(start, start + padded_len, device=device)
+    return pos
+
+
 def _batch(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stack per-sample sequences; when lengths differ, zero-pad and return a key mask ``[B,1,1,S]``."""
     lens = [s.shape[0] for s in seqs]
@@ -133,10 +140,8 @@ class ZImageDiT(nn.Module):
             lc = feats.shape[0]
             lp = lc + _pad_len(lc, cfg.seq_multiple)
             tokens.append(self._embed_padded(feats.to(self.device), self.cap_embedder, self.cap_pad_token, lp))
-            pos = torch.zeros(lp, 3, dtype=torch.int64, device=self.device)
-            pos[:, 0] = torch.arange(1, lp + 1, device=self.device)
             lens.append(lp)
-            poss.append(pos)
+            poss.append(_caption_positions(lp, 1, self.device))
         x, mask = _batch(tokens)
         rope = make_rope(_batch(poss)[0], cfg)
         for block in self.context_refiner:
@@ -157,10 +162,8 @@ class ZImageDiT(nn.Module):
             pos = torch.zeros(n_pad, 3, dtype=torch.int64, device=dev)
             pos[:n, 0] = lp + 1
             pos[:n, 1:] = grid.reshape(n, 2)
-            cap_pos = torch.zeros(lp, 3, dtype=torch.int64, device=dev)
-            cap_pos[:, 0] = torch.arange(1, lp + 1, device=dev)
             img_pos.append(pos)
-            joint_pos.append(torch.cat([pos, cap_pos]))
+            joint_pos.append(torch.cat([pos, _caption_positions(lp, 1, dev)]))
         joint_pos_b, joint_mask = _batch(joint_pos)
         return StepPlan(
             captions=captions, height=height, width=width, n_img=n, n_img_pad=n_pad,
@@ -240,9 +243,7 @@ class ZImageDiT(nn.Module):
             lc = seg.shape[0]
             lp = lc + _pad_len(lc, cfg.seq_multiple)
             cap_tok.append(self._embed_padded(seg.to(dev), self.cap_embedder, self.cap_pad_token, lp))
-            pos = torch.zeros(lp, 3, dtype=torch.int64, device=dev)
-            pos[:, 0] = torch.arange(cu, cu + lp, device=dev)
-            cap_pos.append(pos)
+            cap_pos.append(_caption_positions(lp, cu, dev))
             cap_nm += [noise_of[j] if j < len(noise_of) else 1] * lp
             end_pos.append(cu + lc)
             cu += lc + 2

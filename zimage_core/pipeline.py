@@ -19,7 +19,7 @@ import torch
 
 from .checkpoints import load_dit, resolve_dtype
 from .config import PIXEL_MULTIPLE, VAE_DOWNSCALE
-from .dit import ZImageDiT
+from .dit import PreparedCaptions, ZImageDiT
 from .errors import ZImageError
 from .sampling import cfg_active, cfg_combine, get_sampler, inpaint_model_fn, noise_latent
 from .schedules import flow_sigmas, img2img_sigmas, model_t
@@ -110,7 +110,7 @@ class Denoiser:
         h, w = latent_hw
         caps = dit.prepare_captions(list(cond) + (list(uncond) if self.use_cfg else []))
         n = len(cond)
-        self.plan_cond = dit.plan(type(caps)(caps.tokens[:n], caps.padded_lens[:n]), h, w)
+        self.plan_cond = dit.plan(PreparedCaptions(caps.tokens[:n], caps.padded_lens[:n]), h, w)
         self.plan_cfg = dit.plan(caps, h, w) if self.use_cfg else None
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

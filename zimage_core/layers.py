@@ -43,12 +43,23 @@ class RMSNorm(nn.Module):
 # RoPE: interleaved pairs, one frequency table per axis, positions are integer (axis0, h, w).
 # ---------------------------------------------------------------------------------------------
 class Rope:
-    """cos/sin tables for a set of token positions, shaped ``[B, S, 1, head_dim/2]`` (float32)."""
+    """Rotations for a set of token positions: a complex table ``[B, S, 1, head_dim/2]`` (complex64).
 
-    __slots__ = ("cos", "sin")
+    ``cos``/``sin`` are its real and imaginary parts.
+    """
 
-    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
-        self.cos, self.sin = cos, sin
+    __slots__ = ("freqs",)
+
+    def __init__(self, freqs: torch.Tensor):
+        self.freqs = freqs
+
+    @property
+    def cos(self) -> torch.Tensor:
+        return self.freqs.real
+
+    @property
+    def sin(self) -> torch.Tensor:
+        return self.freqs.imag
 
 
 def rope_angles(pos: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
@@ -74,16 +85,17 @@ def make_rope(pos: torch.Tensor, cfg: DiTConfig) -> Rope:
                 "use a shorter prompt or a smaller image."
             )
     ang = rope_angles(pos, cfg)
-    return Rope(torch.cos(ang).unsqueeze(2), torch.sin(ang).unsqueeze(2))
+    return Rope(torch.complex(torch.cos(ang), torch.sin(ang)).unsqueeze(2))
 
 
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """Rotate interleaved pairs ``(x[2i], x[2i+1])`` of ``x`` ``[B, S, H, D]`` in float32."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = rope.cos, rope.sin
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
-    return out.to(x.dtype)
+    """Rotate interleaved pairs ``(x[2i], x[2i+1])`` of ``x`` ``[B, S, H, D]`` in float32.
+
+    One complex multiply: ``(x0 + i x1)(cos + i sin)`` is exactly ``(x0 cos - x1 sin, x0 sin + x1 cos)``,
+    in a single pass over memory instead of six elementwise kernels and a stack.
+    """
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * rope.freqs).flatten(-2).to(x.dtype)
 
 
 class Attention(nn.Module):

@@ -175,10 +175,12 @@ class DiTCheckpoint:
         self.config = infer_config(self.shapes, overrides)
 
     def _index(self) -> None:
+        from .quant.comfy import is_aux_key
+
         src = self.source
         for key in src:
             k = diffusers_to_native_key(_strip_prefix(key))
-            if k in DROPPED_KEYS:
+            if k in DROPPED_KEYS or is_aux_key(k):  # scales/recipes of quantized weights: read by zimage_core.quant
                 continue
             if k.endswith(QKV_SPLIT[1]) or k.endswith(QKV_SPLIT[2]):
                 continue
@@ -213,18 +215,31 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str) -
     return names[dtype]
 
 
-def load_dit(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto", device: str = "cpu"):
-    """Load any DiT layout straight from the memory map into ``dtype`` on ``device``."""
-    from .dit import ZImageDiT
+def load_dit(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto", device: str = "cpu",
+             quant: str = "none"):
+    """Load any DiT layout, one tensor at a time, into ``dtype`` on ``device``.
 
-    ckpt = DiTCheckpoint(path)
+    GGUF files and ComfyUI's quantized (fp8 / int8) files are recognised and stay quantized; ``quant``
+    (``none``, ``int8``, ``nf4``, ``fp8``) quantizes the transformer blocks of a full-precision file while
+    loading (see :mod:`zimage_core.quant`); ``dtype`` is then the compute dtype.
+    """
+    from .dit import ZImageDiT
+    from .quant import load as qload
+    from .quant.gguf import is_gguf
+
+    mode = qload.check_mode(quant)
     target = resolve_dtype(dtype, device)
+    if is_gguf(path):
+        return qload.load_gguf_dit(path, target, device, mode)
+    ckpt = DiTCheckpoint(path)
     with torch.device("meta"):
         model = ZImageDiT(ckpt.config)
-    materialize(model, ckpt.getters, target, device, what=f"diffusion model '{path}'")
+    getters = dict(ckpt.getters)
+    qload.prepare_dit(model, ckpt, getters, target, device, mode)
+    materialize(model, getters, target, device, what=f"diffusion model '{path}'")
     model.eval().requires_grad_(False)
-    log.info("loaded %s DiT (%s layout, %d layers, dim %d) as %s on %s", Path(path).name, ckpt.layout,
-             ckpt.config.n_layers, ckpt.config.dim, target, device)
+    log.info("loaded %s DiT (%s layout, %d layers, dim %d) as %s on %s%s", Path(path).name, ckpt.layout,
+             ckpt.config.n_layers, ckpt.config.dim, target, device, "" if mode == "none" else f", {mode} blocks")
     return model
 
 
@@ -290,7 +305,12 @@ def _save_sharded(tensors: dict[str, torch.Tensor], folder: Path, stem: str, sha
 
 def convert_dit(src: str | os.PathLike, dst: str | os.PathLike, layout: str, dtype: str | None = None) -> Path:
     """Rewrite a DiT checkpoint in another layout, tensor for tensor (lossless unless ``dtype`` is given)."""
+    from .quant import comfy
+
     ckpt = DiTCheckpoint(src)
+    if comfy.scan(ckpt.source):
+        raise CheckpointError(f"'{src}' is quantized ({comfy.describe(ckpt.source)}); convert works on "
+                              "full-precision (bf16/fp16/fp32) files. Convert the bf16 file instead.")
     target = None if dtype in (None, "keep") else resolve_dtype(dtype, "cpu")
     state = {}
     for k, get in ckpt.getters.items():

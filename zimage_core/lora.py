@@ -18,6 +18,7 @@ full deltas as ``.diff``/``.diff_b``; safetensors metadata ``zimage_format = "lo
   ``backup_device``) and ``handle.remove()`` restores them bit-exactly.
 - ``runtime``: linear layers are wrapped by :class:`LoraLinear`, ``y = base(x) + strength * side(x)``;
   base weights are untouched (quantized bases). Non-linear targets (norm diffs) are merged.
+  Quantized linears (:mod:`zimage_core.quant`) always get the runtime path, in ``merge`` mode too.
 Handles must be removed in reverse order of applying.
 """
 
@@ -205,15 +206,23 @@ def apply_loras(model: nn.Module, loras: Iterable[tuple[LoRA, float] | LoRA], mo
             for name, terms in lora.items():
                 plan.setdefault(name, []).extend((t, strength) for t in terms)
     handle = LoraHandle(model, mode)
+    side = 0  # quantized linears: never merged, always a runtime side path
     try:
         for name, items in plan.items():
-            if mode == "runtime" and table.targets[name].linear:
+            target = model.get_submodule(name)
+            while getattr(target, "is_lora_wrapper", False):  # LoRAs applied before this one
+                target = target.base
+            quantized = getattr(target, "is_quantized", False) is True
+            if table.targets[name].linear and (mode == "runtime" or quantized):
                 _wrap(handle, model, name, items)
+                side += quantized and mode == "merge"
             else:
                 _merge(handle, model.get_submodule(name), name, items, backup_device)
     except BaseException:
         handle._restore()
         raise
+    if side:
+        log.info("%d quantized layers take the LoRA as a runtime side path (quantized weights are never merged)", side)
     if not hasattr(model, _STACK):
         setattr(model, _STACK, [])
     getattr(model, _STACK).append(handle)

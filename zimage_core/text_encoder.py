@@ -176,12 +176,15 @@ def _dequant_fp8(src: WeightSource, key: str, scale_key: str) -> torch.Tensor:
     return w * s
 
 
-def _weight_getters(view: WeightSource, n_run: int, where) -> dict:
-    """``{model key: getter}`` for embed_tokens and layers ``0..n_run-1``; nothing else is ever read."""
+def _weight_getters(view: WeightSource, n_run: int, where, skip: frozenset | set = frozenset()) -> dict:
+    """``{model key: getter}`` for embed_tokens and layers ``0..n_run-1``; nothing else is ever read.
+
+    ``skip``: quantized linear weights that :mod:`zimage_core.quant.load` builds itself.
+    """
     getters = {}
     for k in view:
         m = re.match(r"layers\.(\d+)\.", k)
-        if not (k == "embed_tokens.weight" or (m and int(m.group(1)) < n_run)):
+        if not (k == "embed_tokens.weight" or (m and int(m.group(1)) < n_run)) or k in skip:
             continue  # the last layer(s), the final norm
         if k.endswith(_SCALE_SUFFIXES + _QUANT_AUX_SUFFIXES):
             continue
@@ -233,7 +236,8 @@ class TextEncoder:
         self.cache_size = cache_size
         self.batch_size = batch_size
         self.last_result: EncodeResult | None = None
-        self._cache: OrderedDict[tuple[str, int | None], tuple[torch.Tensor, int, int]] = OrderedDict()
+        self.source: Path | None = None  # the weights file or folder (set by load; the prompt enhancer reads it)
+        self._cache: OrderedDict[tuple[str, int | None, str | None], tuple[torch.Tensor, int, int]] = OrderedDict()
         p = next(model.parameters())
         self._device, self._dtype = p.device, p.dtype
 
@@ -246,12 +250,18 @@ class TextEncoder:
         dtype: torch.dtype | str = torch.float32,
         device: torch.device | str = "cpu",
         comfy_tokenizer_dir: str | os.PathLike | None = None,
+        quant: str = "none",
     ) -> TextEncoder:
         """Load from a diffusers root, a ``text_encoder/`` folder or a single ``qwen_3_4b.safetensors``.
 
         ``tokenizer`` is a tokenizer folder, an already loaded tokenizer, or None to look one up
         (:func:`~zimage_core.tokenizer.find_tokenizer`; ``comfy_tokenizer_dir`` is the last resort).
+        ``quant`` (``none``, ``int8``, ``nf4``, ``fp8``) quantizes the attention/MLP linears while loading;
+        ComfyUI's fp8/int8 files keep their quantized linears either way (see :mod:`zimage_core.quant`).
         """
+        from .quant import load as qload
+
+        mode = qload.check_mode(quant)
         p = Path(path).expanduser()
         if isinstance(dtype, str):
             name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
@@ -275,15 +285,18 @@ class TextEncoder:
         cfg = infer_text_encoder_config({k: view.shape(k) for k in view}, hf)
         n_run = layers_used(cfg)
         model, buffers = build_qwen3(cfg, n_run)
-        getters = _weight_getters(view, n_run, p)
+        getters = _weight_getters(view, n_run, p, skip=qload.text_encoder_quantized_keys(view, n_run))
         getters.update({n: (lambda b=b: b) for n, b in buffers.items()})
+        qload.prepare_text_encoder(model, view, n_run, getters, dtype, device, mode)
         materialize(model, getters, dtype, device, keep_dtype=lambda n: n.startswith("rotary_emb."), what="text encoder")
         model.eval().requires_grad_(False)
         log.info(
             "text encoder: Qwen3 hidden %d, %d layers (%d run), %d heads / %d kv, from '%s' as %s on %s",
             cfg.hidden_size, cfg.n_layers, n_run, cfg.n_heads, cfg.n_kv_heads, p, dtype, device,
         )
-        return cls(model, tokenizer, cfg)
+        encoder = cls(model, tokenizer, cfg)
+        encoder.source = weights
+        return encoder
 
     # ---- placement -----------------------------------------------------------------------
     @property
@@ -323,10 +336,21 @@ class TextEncoder:
     def clear_cache(self) -> None:
         self._cache.clear()
 
+    def cached(self, prompts: list[str] | str, max_length: int | None = 512,
+               template: str | None = ZIMAGE_TEMPLATE) -> bool:
+        """True when every prompt's embedding is cached, so encoding them needs no model (nor moving it)."""
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        return all((p, max_length, template) in self._cache for p in prompts)
+
     # ---- encoding ------------------------------------------------------------------------
-    def tokenize(self, prompt: str, max_length: int | None = 512) -> tuple[list[int], int]:
-        """Token ids of the templated prompt, truncated like diffusers, and the number of tokens cut."""
-        text = format_prompt(prompt)
+    def tokenize(self, prompt: str, max_length: int | None = 512,
+                 template: str | None = ZIMAGE_TEMPLATE) -> tuple[list[int], int]:
+        """Token ids of the templated prompt, truncated like diffusers, and the number of tokens cut.
+
+        ``template`` has a ``{prompt}`` slot; None tokenizes ``prompt`` exactly as given (the Omni caption
+        segments carry their own chat-template pieces).
+        """
+        text = prompt if template is None else template.format(prompt=prompt)
         ids = list(self.tokenizer(text)["input_ids"])
         cut = 0
         if max_length is not None and len(ids) > max_length:
@@ -342,11 +366,13 @@ class TextEncoder:
             )
         return ids, cut
 
-    def encode(self, prompts: list[str] | str, max_length: int | None = 512) -> list[torch.Tensor]:
+    def encode(self, prompts: list[str] | str, max_length: int | None = 512,
+               template: str | None = ZIMAGE_TEMPLATE) -> list[torch.Tensor]:
         """One ``[L_i, hidden]`` embedding per prompt (see :meth:`encode_detailed`)."""
-        return self.encode_detailed(prompts, max_length).embeddings
+        return self.encode_detailed(prompts, max_length, template=template).embeddings
 
-    def encode_detailed(self, prompts: list[str] | str, max_length: int | None = 512) -> EncodeResult:
+    def encode_detailed(self, prompts: list[str] | str, max_length: int | None = 512,
+                        template: str | None = ZIMAGE_TEMPLATE) -> EncodeResult:
         """Encode ``prompts``; ``max_length=None`` means no limit (ComfyUI), 512 is diffusers' default.
 
         Unchanged prompts come from the cache. Truncation is logged as a warning with the number
@@ -359,22 +385,22 @@ class TextEncoder:
         found: dict[str, tuple[torch.Tensor, int, int]] = {}
         todo = []
         for p in dict.fromkeys(prompts):
-            hit = self._cache.get((p, max_length))
+            hit = self._cache.get((p, max_length, template))
             if hit is not None:
-                self._cache.move_to_end((p, max_length))
+                self._cache.move_to_end((p, max_length, template))
                 found[p] = hit
             else:
                 todo.append(p)
         if todo:
             if self.model is None:
                 raise ZImageError("the text encoder was unloaded; load it again to encode new prompts.")
-            tokens = {p: self.tokenize(p, max_length) for p in todo}
+            tokens = {p: self.tokenize(p, max_length, template) for p in todo}
             todo.sort(key=lambda p: len(tokens[p][0]))  # similar lengths share a batch: little padding
             for i in range(0, len(todo), max(1, self.batch_size)):
                 chunk = todo[i: i + max(1, self.batch_size)]
                 for p, emb in zip(chunk, self._run([tokens[p][0] for p in chunk])):
                     found[p] = (emb, len(tokens[p][0]), tokens[p][1])
-                    self._cache[(p, max_length)] = found[p]
+                    self._cache[(p, max_length, template)] = found[p]
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         for p, (_, n, cut) in found.items():

@@ -169,10 +169,12 @@ def materialize(
     """Fill a (meta-device) ``module`` from ``{name: getter}``, one tensor at a time.
 
     Floating-point tensors are cast to ``dtype`` unless ``keep_dtype(name)``; all go to ``device``.
+    Only meta tensors are filled: submodules already built from real tensors (e.g. quantized linears made
+    while loading, see :mod:`zimage_core.quant.load`) are left as they are.
     Raises :class:`CheckpointError` naming the missing and unexpected keys.
     """
-    expected = dict(module.named_parameters())
-    expected.update(dict(module.named_buffers()))
+    expected = {n: t for n, t in module.named_parameters() if t.is_meta}
+    expected.update({n: t for n, t in module.named_buffers() if t.is_meta})
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:

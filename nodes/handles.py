@@ -36,14 +36,33 @@ class LoraSpec:
 
 
 class DiTSlot:
-    """One loaded DiT and the LoRA state its weights are in now."""
+    """One loaded DiT and the LoRA state its weights are in now.
 
-    def __init__(self, dit, name: str, load_device: torch.device, offload_device: torch.device):
+    With ``swap`` > 0 that many transformer blocks stream from pinned host memory (block-swap / sequential):
+    only the resident part is registered with ComfyUI, so ComfyUI counts and moves just that, and asks for
+    room for the two staged blocks on top when it loads the model.
+    """
+
+    def __init__(self, dit, name: str, load_device: torch.device, offload_device: torch.device, swap: int = 0,
+                 activation: int = 0):
         self.dit = dit
         self.name = name
         self.load_device = load_device
         self.offload_device = offload_device
-        self.patcher = host.register(dit, load_device, offload_device)
+        self.streamer = None
+        self.memory_required = 0
+        if swap > 0:
+            mem = core("memory")
+            blocks = mem.dit_stream_blocks(dit, swap)
+            # Streamed blocks live in (pinned) host memory whatever ComfyUI's offload device is.
+            self.streamer = mem.BlockStreamer(blocks, load_device, "cpu", name=f"Z-Image {name}", owner=dit)
+            self.memory_required = self.streamer.staging_bytes() + int(activation)
+            self.patcher = host.register(dit, load_device, offload_device, parts=mem.resident_parts(dit, blocks),
+                                         on_move=self.streamer.flush)
+            log.info("Z-Image: %s streams %d of %d blocks (%.0f MB in host memory)", name, len(blocks),
+                     mem.streaming.dit_block_count(dit), self.streamer.streamed_bytes() / 2**20)
+        else:
+            self.patcher = host.register(dit, load_device, offload_device)
         self._applied: tuple[LoraSpec, ...] = ()
         self._restore: list[Callable[[], None]] = []
 
@@ -51,9 +70,18 @@ class DiTSlot:
     def config(self):
         return self.dit.cfg
 
+    def _move(self, device: torch.device) -> None:
+        if self.streamer is None:
+            self.dit.to(device)
+        else:
+            self.streamer.flush()
+            core("memory").streaming.move_resident(self.dit, self.streamer.blocks, device)
+
     def prepare(self, loras: tuple[LoraSpec, ...]):
         """Place the DiT on its compute device with exactly ``loras`` merged; returns the DiT."""
-        host.load(self.patcher, self.dit, self.load_device)
+        if self.streamer is not None:
+            self.streamer.flush()  # a prefetch left from an earlier run (e.g. an Omni sample) is dropped
+        host.load(self.patcher, self.dit, self.load_device, mover=self._move, memory_required=self.memory_required)
         if len(loras) != len(self._applied) or any(a is not b for a, b in zip(loras, self._applied)):
             self.unpatch()
             if loras:
@@ -213,7 +241,12 @@ class ZImageTextEncoderHandle:
         return self.encoder.config.hidden_size
 
     def encode(self, texts: list[str], max_length: int | None):
-        """``EncodeResult`` for ``texts`` (engine semantics: chat template, hidden_states[-2])."""
+        """``EncodeResult`` for ``texts`` (engine semantics: chat template, hidden_states[-2]).
+
+        Prompts encoded before come from the encoder's cache without loading it onto the GPU."""
+        cached = getattr(self.encoder, "cached", None)
+        if callable(cached) and cached(texts, max_length):
+            return self.encoder.encode_detailed(texts, max_length=max_length)
         device = host.load(self.patcher, self.encoder.model, self.load_device)
         if device != self.encoder.device:
             self.encoder.to(device)  # ComfyUI moved the weights: keep the engine's bookkeeping in step

@@ -79,26 +79,53 @@ def bf16_supported(device: torch.device) -> bool:
 # ---------------------------------------------------------------------------------------------
 class ManagedModule(torch.nn.Module):
     """A plain holder ComfyUI's ModelPatcher can move: it sets ``device`` and bookkeeping attributes on
-    the module it manages, which the engine's models (read-only ``device`` properties) must not get."""
+    the module it manages, which the engine's models (read-only ``device`` properties) must not get.
 
-    def __init__(self, inner: torch.nn.Module, device: torch.device):
+    With ``parts`` (``(modules, [(owner, name, tensor)])``) it holds only those: a model that streams some
+    blocks from host memory shows ComfyUI just its resident part, so ComfyUI counts (and moves) only that.
+    ``on_move`` runs before any move (a streamer drops its staged copies, e.g. on "Unload models").
+    """
+
+    def __init__(self, inner: torch.nn.Module, device: torch.device, parts=None, on_move: Callable | None = None):
         super().__init__()
-        self.inner = inner
+        self._loose_buffers: list = []
+        if parts is None:
+            self.inner = inner
+        else:
+            object.__setattr__(self, "inner", inner)  # reachable, but not a submodule: its streamed blocks stay ours
+            modules, loose = parts
+            self.parts = torch.nn.ModuleList(modules)
+            for i, (owner, key, _t) in enumerate(loose):
+                if key in owner._parameters:
+                    self.register_parameter(f"loose_{i}", owner._parameters[key])
+                else:
+                    self._loose_buffers.append((owner, key))
         self.device = device
+        object.__setattr__(self, "_on_move", on_move)
+
+    def _apply(self, fn, recurse=True):
+        if self._on_move is not None:
+            self._on_move()
+        out = super()._apply(fn, recurse)
+        for owner, key in self._loose_buffers:
+            owner._buffers[key] = fn(owner._buffers[key])
+        return out
 
     def get_dtype(self) -> torch.dtype:
         return next(self.inner.parameters()).dtype
 
 
-def register(module: torch.nn.Module, load_device: torch.device, offload_device: torch.device):
+def register(module: torch.nn.Module, load_device: torch.device, offload_device: torch.device, parts=None,
+             on_move: Callable | None = None):
     """Wrap ``module`` in a ComfyUI ModelPatcher so "Unload models", "Free memory" and other models'
     loads can move it to the offload device. Returns None outside ComfyUI (or if this ComfyUI's
-    ModelPatcher does not accept a plain module; then the model stays where it is and a warning says so)."""
+    ModelPatcher does not accept a plain module; then the model stays where it is and a warning says so).
+    ``parts``/``on_move``: see :class:`ManagedModule` (block streaming registers only the resident part)."""
     mp = comfy_module("comfy.model_patcher")
     if mp is None:
         return None
     try:
-        holder = ManagedModule(module, next(module.parameters()).device)
+        holder = ManagedModule(module, next(module.parameters()).device, parts, on_move)
         return mp.ModelPatcher(holder, load_device=load_device, offload_device=offload_device)
     except Exception as e:  # noqa: BLE001 - internal API of ComfyUI: never fatal
         warn_once("register", "Z-Image: could not register a model with ComfyUI's memory management (%s: %s); "
@@ -106,25 +133,47 @@ def register(module: torch.nn.Module, load_device: torch.device, offload_device:
         return None
 
 
-def load(patcher, module: torch.nn.Module, device: torch.device) -> torch.device:
+def load(patcher, module: torch.nn.Module, device: torch.device, mover: Callable | None = None,
+         memory_required: int = 0) -> torch.device:
     """Put a model on its compute device, through ComfyUI (evicting others as needed) when registered.
 
-    Returns the device the weights are on afterwards."""
+    ``mover(device)`` replaces ``module.to(device)`` (a streamed model moves only its resident part);
+    ``memory_required`` asks ComfyUI for that much room beyond the registered weights (staging buffers,
+    activations). Returns the device the weights are on afterwards."""
+    move = mover or module.to
     if patcher is not None:
         mm = comfy_module("comfy.model_management")
+        extra = {"memory_required": int(memory_required)} if memory_required else {}
         try:
-            mm.load_models_gpu([patcher], force_full_load=True)
-        except TypeError:  # ComfyUI before force_full_load (2024)
-            mm.load_models_gpu([patcher])
+            try:
+                mm.load_models_gpu([patcher], force_full_load=True, **extra)
+            except TypeError:  # ComfyUI before force_full_load (2024)
+                mm.load_models_gpu([patcher], **extra)
         except Exception as e:  # noqa: BLE001
             if type(e).__name__ == "InterruptProcessingException" or isinstance(e, torch.cuda.OutOfMemoryError):
                 raise
             warn_once("load", "Z-Image: ComfyUI could not load the model (%s: %s); moving it by hand.",
                       type(e).__name__, e)
-            module.to(device)
+            move(device)
     else:
-        module.to(device)
+        move(device)
     return next(module.parameters()).device
+
+
+def vram_budget(device: torch.device) -> int | None:
+    """Bytes a model may plan to use on ``device``: inside ComfyUI the whole card less ComfyUI's inference reserve
+    (ComfyUI evicts other models to make room), elsewhere the free memory; None for the CPU."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    mm = comfy_module("comfy.model_management")
+    total = getattr(mm, "get_total_memory", None) if mm is not None else None
+    if total is not None:
+        try:
+            reserve = mm.minimum_inference_memory() if hasattr(mm, "minimum_inference_memory") else 0
+            return int(total(device)) - int(reserve)
+        except Exception as e:  # noqa: BLE001 - internal API of ComfyUI
+            warn_once("budget", "Z-Image: could not read ComfyUI's memory figures (%s); using free VRAM.", e)
+    return int(torch.cuda.mem_get_info(device)[0])
 
 
 # ---------------------------------------------------------------------------------------------

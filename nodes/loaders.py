@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -10,10 +11,15 @@ from . import host, paths
 from ._engine import ZImageError, core
 from .handles import DiTSlot, LoraSpec, ZImageModel, ZImageTextEncoderHandle, load_lora_for
 
+log = logging.getLogger(__name__)
+
 CATEGORY = "Z-Image/loaders"
 WEIGHT_DTYPES = ["auto", "bf16", "fp16", "fp32"]
-ATTENTION_BACKENDS = ["sdpa"]
-MEMORY_MODES = ["full"]  # grows with the low-VRAM modes; saved workflows keep working with "full"
+# Choice lists only grow (saved workflows store the chosen string); new widgets are optional, at the end.
+ATTENTION_BACKENDS = ["sdpa", "auto", "flash_attn", "flash_attn_3", "sage"]
+MEMORY_MODES = ["full", "auto", "text-encoder-offload", "block-swap", "sequential"]
+QUANT_MODES = ["none", "int8", "nf4", "fp8"]
+DEFAULT_SWAP_BLOCKS = 16
 # Native ComfyUI's fp16 test for Z-Image checkpoints: fp16 is safe only when this norm's spread is small.
 FP16_STD_LIMIT = 0.42
 
@@ -22,6 +28,34 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def _choices(kind: str) -> list[str]:
     return paths.list_models(kind)
+
+
+def _quant_kwargs(fn, quant: str, what: str) -> dict:
+    if quant not in QUANT_MODES:
+        raise ZImageError(f"quant '{quant}' is not one of {', '.join(QUANT_MODES)}.")
+    return core("memory").check_quant(fn, quant, what)
+
+
+def plan_swap(memory_mode: str, swap_blocks: int, ckpt, dtype: torch.dtype, quant: str, device: torch.device):
+    """``(blocks to stream, activation bytes)`` for a DiT loaded with this memory mode.
+
+    ``auto`` is planned once, here, for a 1024x1024 image (the loader does not know the size yet) against the
+    whole card less ComfyUI's reserve (ComfyUI evicts other models to make room); the text encoder and VAE are
+    ComfyUI's to place. ``text-encoder-offload`` keeps the DiT whole: ComfyUI already moves the text encoder
+    out when the DiT needs the room.
+    """
+    mem = core("memory")
+    mode = f"block-swap:{int(swap_blocks)}" if memory_mode == "block-swap" else memory_mode
+    size, cfg = mem.probe_dit(ckpt.path, dtype, quant)
+    work = mem.Workload()
+    elt = torch.empty((), dtype=dtype).element_size()
+    size = mem.ComponentSize(size.total, size.blocks, mem.planner.dit_activation(cfg, work, elt))
+    budget = host.vram_budget(device) if memory_mode == "auto" else None
+    plan = mem.plan_memory(mode, budget, size, work=work)
+    if memory_mode == "auto":
+        log.info("Z-Image memory auto: %s", plan.describe())
+    swap = plan.dit_swap if plan.mode in ("block-swap", "sequential") else 0
+    return swap, size.activation
 
 
 def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
@@ -78,30 +112,58 @@ class ZImageModelLoader:
                     "default": "sdpa", "tooltip": "Attention implementation: PyTorch scaled_dot_product_attention."}),
                 "memory_mode": (MEMORY_MODES, {
                     "default": "full",
-                    "tooltip": "How the model uses GPU memory. full: the whole model stays on the GPU while "
-                               "sampling (ComfyUI moves it out when other models need the room)."}),
-            }
+                    "tooltip": "How the model uses GPU memory. full: all on the GPU while sampling (ComfyUI moves "
+                               "it out when other models need the room). auto: the fastest mode that fits this GPU "
+                               "at 1024x1024. text-encoder-offload: as full; ComfyUI moves the text encoder out. "
+                               "block-swap: swap_blocks blocks stream from host memory while sampling (less VRAM, "
+                               "a little slower). sequential: every block streams (least VRAM). The image is the "
+                               "same in every mode."}),
+            },
+            "optional": {
+                "quant": (QUANT_MODES, {
+                    "default": "none",
+                    "tooltip": "Quantize the weights while loading: int8 and fp8 about halve the memory of bf16, "
+                               "nf4 quarters it (slightly different images). GGUF and fp8 files are read as they "
+                               "are, whatever this says."}),
+                "swap_blocks": ("INT", {
+                    "default": DEFAULT_SWAP_BLOCKS, "min": 1, "max": 64, "step": 1,
+                    "tooltip": "block-swap only: how many of the transformer blocks (34 in Z-Image) stream from "
+                               "host memory. More saves VRAM (about 360 MB per bf16 block)."}),
+                "compile": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "torch.compile the transformer blocks: faster sampling after a slow first run. "
+                               "Needs a working Triton/compiler setup."}),
+            },
         }
 
-    def load(self, model_name, weight_dtype="auto", attention="sdpa", memory_mode="full"):
+    def load(self, model_name, weight_dtype="auto", attention="sdpa", memory_mode="full", quant="none",
+             swap_blocks=DEFAULT_SWAP_BLOCKS, compile=False):
         if attention not in ATTENTION_BACKENDS:
             raise ZImageError(f"attention '{attention}' is not available; choose one of {', '.join(ATTENTION_BACKENDS)}.")
         if memory_mode not in MEMORY_MODES:
             raise ZImageError(f"memory_mode '{memory_mode}' is not available; choose one of {', '.join(MEMORY_MODES)}.")
+        if not isinstance(swap_blocks, int) or swap_blocks < 1:
+            raise ZImageError(f"swap_blocks must be a positive number of blocks, got {swap_blocks!r}.")
         path = paths.resolve("diffusion_models", model_name)
         checkpoints = core("checkpoints")
         load_device, offload_device = host.dit_devices()
         dtype = pick_dtype(weight_dtype, load_device)
+        quant_kw = _quant_kwargs(checkpoints.load_dit, quant, "diffusion model")
         ckpt = checkpoints.DiTCheckpoint(path)
         if dtype == torch.float16:
             check_fp16(ckpt, model_name)
-        if host.comfy_module("comfy.model_patcher") is not None:
+        swap, activation = plan_swap(memory_mode, swap_blocks, ckpt, dtype, quant, load_device)
+        if host.comfy_module("comfy.model_patcher") is not None or swap:
             # Inside ComfyUI: load where ComfyUI keeps idle models; it moves the model to the GPU when sampling.
-            dit = checkpoints.load_dit(path, dtype=dtype, device=offload_device)
+            # Streaming: the streamed blocks stay in host memory, the rest goes to the GPU when sampling.
+            dit = checkpoints.load_dit(path, dtype=dtype, device=offload_device if not swap else "cpu", **quant_kw)
         else:
-            dit = checkpoints.load_dit(path, dtype=dtype, device=load_device)
-        slot = DiTSlot(dit, model_name, load_device, offload_device)
-        return (ZImageModel(slot=slot, dtype=dtype, attention=attention, memory_mode=memory_mode),)
+            dit = checkpoints.load_dit(path, dtype=dtype, device=load_device, **quant_kw)
+        chosen = core("attention").set_attention(dit, attention, device=load_device)
+        if compile:
+            core("compile").compile_blocks(dit)
+        slot = DiTSlot(dit, model_name, load_device, offload_device, swap=swap, activation=activation)
+        return (ZImageModel(slot=slot, dtype=dtype, attention=chosen, memory_mode=memory_mode),)
 
 
 class ZImageTextEncoderLoader:
@@ -126,16 +188,23 @@ class ZImageTextEncoderLoader:
                 "weight_dtype": (WEIGHT_DTYPES, {
                     "default": "auto",
                     "tooltip": "Precision of the text encoder. auto: bf16 on a GPU that supports it, fp32 otherwise."}),
-            }
+            },
+            "optional": {
+                "quant": (QUANT_MODES, {
+                    "default": "none",
+                    "tooltip": "Quantize the text encoder while loading: int8/fp8 about halve its 8 GB (bf16), nf4 "
+                               "quarters it (slightly different embeddings)."}),
+            },
         }
 
-    def load(self, text_encoder_name, weight_dtype="auto"):
+    def load(self, text_encoder_name, weight_dtype="auto", quant="none"):
         path = paths.resolve("text_encoders", text_encoder_name)
         load_device, offload_device = host.text_encoder_devices()
         dtype = pick_dtype(weight_dtype, load_device)
         te_mod = core("text_encoder")
         encoder = te_mod.TextEncoder.load(path, dtype=dtype, device=offload_device,
-                                          comfy_tokenizer_dir=host.comfy_tokenizer_dir())
+                                          comfy_tokenizer_dir=host.comfy_tokenizer_dir(),
+                                          **_quant_kwargs(te_mod.TextEncoder.load, quant, "text encoder"))
         return (ZImageTextEncoderHandle(encoder, text_encoder_name, load_device, offload_device),)
 
 

@@ -24,12 +24,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Node ids and widget order are public API: saved workflows store widget values by position.
 PUBLIC_API = {
-    "ZImageModelLoader": ["model_name", "weight_dtype", "attention", "memory_mode"],
-    "ZImageTextEncoderLoader": ["text_encoder_name", "weight_dtype"],
+    "ZImageModelLoader": ["model_name", "weight_dtype", "attention", "memory_mode", "quant", "swap_blocks", "compile"],
+    "ZImageTextEncoderLoader": ["text_encoder_name", "weight_dtype", "quant"],
     "ZImageTextEncode": ["text_encoder", "text", "max_length"],
     "ZImageTurboSampler": ["model", "positive", "latent_image", "seed", "steps", "cfg", "shift", "sampler_name",
                            "denoise", "negative", "seed_variance"],
     "ZImageLoraLoader": ["model", "lora_name", "strength"],
+    "ZImageVisionLoader": ["vision_name", "weight_dtype"],
+    "ZImageEditConditioning": ["text_encoder", "vae", "image1", "text", "negative_text", "max_length", "vision",
+                               "image2", "image3"],
+    "ZImagePromptEnhancer": ["prompt", "seed", "max_new_tokens", "temperature", "top_p", "text_encoder", "llm",
+                             "system_prompt"],
 }
 
 
@@ -397,6 +402,8 @@ def test_models_register_with_comfyui_memory_management(env, fake_comfy):
     cond = conditioning.ZImageTextEncode().encode(te, "x")[0]
     run(model, cond, steps=1)
     assert [m[0][0] for m in fake_comfy.loads] == [te.patcher, model.slot.patcher]
+    again = conditioning.ZImageTextEncode().encode(te, "x")[0]
+    assert torch.equal(again[0][0], cond[0][0]) and len(fake_comfy.loads) == 2  # cached: the encoder stays put
     assert all(force for _, force in fake_comfy.loads)
 
 
@@ -489,3 +496,60 @@ def test_handles_repr(loaded):
     model, te = loaded
     assert "z_image_turbo_bf16" in repr(model) and "qwen_3_4b" in repr(te)
     assert isinstance(model, handles.ZImageModel)
+
+
+# ---------------------------------------------------------------------------------------------- memory modes
+@pytest.mark.parametrize("mode,kw,streamed", [
+    ("block-swap", {"swap_blocks": 2}, 2), ("sequential", {}, 4), ("auto", {}, 0), ("text-encoder-offload", {}, 0),
+])
+def test_loader_memory_modes_sample_the_same_latents(loaded, env, mode, kw, streamed):
+    model, te = loaded
+    cond = encode(te, "a lighthouse")
+    want = run(model, cond, seed=3, steps=2)["samples"]
+    other = loaders.ZImageModelLoader().load("z_image_turbo_bf16.safetensors", memory_mode=mode, attention="auto", **kw)[0]
+    assert other.memory_mode == mode and other.attention == "sdpa"  # auto on a CPU
+    streamer = other.slot.streamer
+    assert (streamer is None) == (streamed == 0)
+    assert torch.equal(run(other, cond, seed=3, steps=2)["samples"], want)
+    if streamer is not None:
+        assert len(streamer.blocks) == streamed and streamer.stats.hits > 0
+        assert streamer.staged_count == 0 and streamer.at_home()  # the run left nothing staged
+
+
+def test_block_swap_registers_only_the_resident_part_with_comfyui(env, fake_comfy, monkeypatch):
+    mm = sys.modules["comfy.model_management"]
+    asked = []
+    monkeypatch.setattr(mm, "load_models_gpu", lambda models, **k: asked.append(k), raising=False)
+    model = loaders.ZImageModelLoader().load("z_image_turbo_bf16.safetensors", memory_mode="block-swap",
+                                             swap_blocks=3)[0]
+    slot = model.slot
+    holder = slot.patcher.model
+    streamed = {id(p) for b in slot.streamer.blocks for p in b.parameters()}
+    shown = {id(p) for p in holder.parameters()}
+    assert shown and shown.isdisjoint(streamed)  # ComfyUI counts and moves only the resident weights
+    assert shown | streamed == {id(p) for p in slot.dit.parameters()}
+    assert holder.inner is slot.dit and holder.get_dtype() == torch.float32
+    te = loaders.ZImageTextEncoderLoader().load("qwen_3_4b.safetensors")[0]
+    run(model, conditioning.ZImageTextEncode().encode(te, "x")[0], steps=1)
+    need = [k.get("memory_required", 0) for k in asked]
+    assert need[-1] >= slot.streamer.staging_bytes() > 0  # room for the two staged blocks is asked for
+    slot.streamer.enter(0)  # a block staged, as mid-run; then ComfyUI's "Unload models" moves the holder
+    assert slot.streamer.staged_count > 0
+    holder.to("cpu")
+    assert slot.streamer.staged_count == 0 and slot.streamer.at_home()
+    full = loaders.ZImageModelLoader().load("z_image_turbo_bf16.safetensors")[0]
+    assert full.slot.streamer is None and full.slot.patcher.model.inner is full.slot.dit
+
+
+def test_loader_quant_and_swap_options_are_checked(env, monkeypatch):
+    with pytest.raises(ZImageError, match="quant 'int4' is not one of"):
+        loaders.ZImageModelLoader().load("z_image_turbo_bf16.safetensors", quant="int4")
+    with pytest.raises(ZImageError, match="swap_blocks"):
+        loaders.ZImageModelLoader().load("z_image_turbo_bf16.safetensors", memory_mode="block-swap", swap_blocks=0)
+    checkpoints = importlib.import_module("zimage_core.checkpoints")
+    real = checkpoints.load_dit
+    monkeypatch.setattr(checkpoints, "load_dit", lambda path, dtype="auto", device="cpu": real(path, dtype, device))
+    with pytest.raises(ZImageError, match="zimage_core.quant"):  # an engine without quantization says so
+        loaders.ZImageModelLoader().load("z_image_turbo_bf16.safetensors", quant="nf4")
+    got = loaders.ZImageModelLoader().load("z_image_turbo_bf16.safetensors", quant="none")[0]
+    assert got.slot.dit.dtype == torch.float32

@@ -33,7 +33,25 @@ def _multiple_of_16(text: str) -> int:
     return v
 
 
+def _memory_mode(text: str) -> str:
+    from .memory import parse_memory_mode
+
+    try:
+        return str(parse_memory_mode(text))
+    except ZImageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _quant_modes() -> tuple[str, ...]:
+    try:
+        from .quant import QUANT_MODES
+    except ImportError:  # the quantization module is optional in this build
+        return ("none", "int8", "nf4", "fp8")
+    return tuple(QUANT_MODES)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .attention import BACKENDS
     from .sampling import SAMPLERS
 
     p = _Parser(prog="zimage", description="Z-Image (S3-DiT) inference and checkpoint tools.")
@@ -67,6 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--denoise", type=float, default=1.0, help="img2img strength (ComfyUI denoise)")
     g.add_argument("--mask", help="inpainting mask image (white = repaint); needs --init-image")
     g.add_argument("--vae-tile", default="auto", help="VAE tile size in pixels, 'auto' or 0 (off)")
+    perf = g.add_argument_group("memory and speed (never change the image, except --quant)")
+    perf.add_argument("--memory", type=_memory_mode, default="auto",
+                      metavar="{auto,full,text-encoder-offload,block-swap:N,sequential}",
+                      help="where weights live: auto picks the fastest mode that fits the free VRAM; block-swap:N "
+                           "streams N DiT blocks from pinned host memory; sequential streams all of them")
+    perf.add_argument("--quant", default="none", choices=_quant_modes(),
+                      help="weight quantization of the DiT and text encoder (GGUF and pre-quantized files are "
+                           "recognised by themselves)")
+    perf.add_argument("--attention", default="auto", choices=BACKENDS,
+                      help="attention kernel; auto: FlashAttention 3/2 when installed and usable, else SDPA")
+    perf.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (slow first run)")
     g.add_argument("--out", required=True, help="output PNG; with --batch B: <stem>_<i><suffix>")
     g.set_defaults(func=cmd_generate)
 
@@ -114,35 +143,33 @@ def cmd_generate(args) -> int:
     )
     opts.validate()
     t0 = time.perf_counter()
+    loras = _parse_loras(args.lora)
+    # One-shot: each component is loaded just before its stage and freed right after (files are checked now).
     pipe = ZImagePipeline.load(args.model, args.transformer, args.text_encoder, args.vae, args.tokenizer,
-                               device=args.device, dtype=args.dtype)
-    loras = _apply_loras(pipe, args.lora)
-    t_load = time.perf_counter() - t0
+                               device=args.device, dtype=args.dtype, memory=args.memory, quant=args.quant,
+                               attention=args.attention, compile=args.compile, loras=loras, lazy=True)
     tile = None if args.vae_tile in ("0", "off", "none") else (args.vae_tile if args.vae_tile == "auto" else int(args.vae_tile))
     init, mask = _init_latents(pipe, opts, args.init_image, args.mask) if args.init_image else (None, None)
     images = pipe.generate(opts, init_latents=init, mask=mask, tile=tile)
     params = {"prompt": opts.prompt, "negative": opts.negative, "width": opts.width, "height": opts.height,
               "steps": opts.steps, "cfg": opts.cfg, "shift": opts.shift, "sampler": opts.sampler, "seed": opts.seed,
-              "batch": opts.batch, "loras": loras, "model": args.model or args.transformer, "generator": "zimage"}
+              "batch": opts.batch, "loras": args.lora, "model": args.model or args.transformer, "generator": "zimage"}
+    if args.quant != "none":
+        params["quant"] = args.quant
     for i, (img, path) in enumerate(zip(images, output_paths(args.out, len(images)))):
         path.parent.mkdir(parents=True, exist_ok=True)
         img.save(path, pnginfo=_png_info({**params, "index": i}))
         log.info("wrote %s", path)
-    log.info("done in %.1fs (load %.1fs)", time.perf_counter() - t0, t_load)
+    log.info("done in %.1fs", time.perf_counter() - t0)
     return 0
 
 
-def _apply_loras(pipe, specs: list[str]) -> list[str]:
+def _parse_loras(specs: list[str]) -> list[tuple[str, float]]:
     if not specs:
         return []
-    from .lora import apply_loras, load_lora, parse_lora_arg
+    from .lora import parse_lora_arg
 
-    pairs = []
-    for spec in specs:
-        path, strength = parse_lora_arg(spec)
-        pairs.append((load_lora(path), strength))
-    apply_loras(pipe.dit, pairs, mode="merge")
-    return specs
+    return [parse_lora_arg(spec) for spec in specs]
 
 
 def _init_latents(pipe, opts, init_image: str, mask_path: str | None):
@@ -155,8 +182,7 @@ def _init_latents(pipe, opts, init_image: str, mask_path: str | None):
     from .vae import pil_to_tensor
 
     img = _open_image(init_image).convert("RGB").resize((opts.width, opts.height), Image.LANCZOS)
-    with torch.inference_mode():
-        x0 = pipe.vae.encode(pil_to_tensor([img]).to(pipe.device))
+    x0 = pipe.encode_image(pil_to_tensor([img]))
     mask = None
     if mask_path:
         m = _open_image(mask_path).convert("L").resize((opts.width, opts.height), Image.NEAREST)
@@ -184,12 +210,9 @@ def cmd_convert(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import dataclasses
+    from .quant.load import dit_file_info  # layout, config, and quantization (GGUF, ComfyUI fp8/int8)
 
-    from .checkpoints import DiTCheckpoint
-
-    ckpt = DiTCheckpoint(args.path)
-    sys.stdout.write(json.dumps({"layout": ckpt.layout, "config": dataclasses.asdict(ckpt.config)}, indent=2) + "\n")
+    sys.stdout.write(json.dumps(dit_file_info(args.path), indent=2) + "\n")
     return 0
 
 

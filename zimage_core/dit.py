@@ -190,7 +190,9 @@ class ZImageDiT(nn.Module):
             cap = torch.stack(plan.captions.tokens)
             h = torch.cat([h, cap.to(h.dtype)], dim=1)
         else:
-            h, _ = _batch([torch.cat([h[i], c.to(h.dtype)]) for i, c in enumerate(plan.captions.tokens)])
+            # pad only: the mask is the plan's (building it again would copy lengths to the device every step)
+            h = torch.nn.utils.rnn.pad_sequence([torch.cat([h[i], c.to(h.dtype)]) for i, c in
+                                                 enumerate(plan.captions.tokens)], batch_first=True)
         for block in self.layers:
             h = self._run(block, h, plan.joint_rope, plan.joint_mask, block.modulation(adaln))
         scale = 1.0 + self.final_layer.adaLN_modulation(adaln).unsqueeze(1)

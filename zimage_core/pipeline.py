@@ -17,10 +17,12 @@ from pathlib import Path
 
 import torch
 
+from .attention import set_attention
 from .checkpoints import load_dit, resolve_dtype
 from .config import PIXEL_MULTIPLE, VAE_DOWNSCALE
 from .dit import PreparedCaptions, ZImageDiT
 from .errors import ZImageError
+from .memory.streaming import flush_streamers
 from .sampling import cfg_active, cfg_combine, get_sampler, inpaint_model_fn, noise_latent
 from .schedules import flow_sigmas, img2img_sigmas, model_t
 
@@ -96,17 +98,42 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+class SigmaLookup:
+    """Host values of a sampler's sigma schedule, so a model function can branch on sigma without a device read.
+
+    The samplers pass ``sigmas[i].expand(B)``, a view of the schedule tensor they were given; its storage
+    offset is ``i``. Any other tensor falls back to reading it (a host-device sync on a GPU).
+    """
+
+    def __init__(self, sigmas: torch.Tensor):
+        self.tensor = sigmas
+        self.values = sigmas.detach().cpu().tolist()
+        self._ptr = sigmas.untyped_storage().data_ptr()
+        self.misses = 0
+
+    def __call__(self, sigma: torch.Tensor) -> float:
+        if sigma.device == self.tensor.device and sigma.untyped_storage().data_ptr() == self._ptr:
+            i = sigma.storage_offset()
+            if 0 <= i < len(self.values):
+                return self.values[i]
+        self.misses += 1
+        return float(sigma.reshape(-1)[0])
+
+
 class Denoiser:
     """The velocity field the samplers integrate: DiT call, ``t = 1 - sigma``, sign flip and CFG.
 
     Captions are embedded and refined once; the plan for the CFG batch (``[cond..., uncond...]``) and
-    for the conditional batch alone are both built up front, so no step repeats that work.
+    for the conditional batch alone are both built up front, so no step repeats that work. With
+    ``sigmas`` (the schedule tensor given to the sampler) CFG truncation reads sigma on the host.
     """
 
     def __init__(self, dit: ZImageDiT, cond: list[torch.Tensor], uncond: list[torch.Tensor] | None,
-                 latent_hw: tuple[int, int], cfg: float = 1.0, normalization: float = 0.0, truncation: float = 1.0):
+                 latent_hw: tuple[int, int], cfg: float = 1.0, normalization: float = 0.0, truncation: float = 1.0,
+                 sigmas: torch.Tensor | None = None):
         self.dit, self.cfg, self.normalization, self.truncation = dit, cfg, normalization, truncation
         self.use_cfg = uncond is not None and cfg > 1.0
+        self.sigma_value = SigmaLookup(sigmas) if sigmas is not None else (lambda s: float(s.reshape(-1)[0]))
         h, w = latent_hw
         caps = dit.prepare_captions(list(cond) + (list(uncond) if self.use_cfg else []))
         n = len(cond)
@@ -116,8 +143,8 @@ class Denoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         t = model_t(sigma)
         xin = x.to(self.dit.dtype)
-        # cfg_truncation >= 1 never switches guidance off: skip reading sigma (a host sync on GPU).
-        if self.use_cfg and (self.truncation >= 1.0 or cfg_active(self.cfg, float(sigma[0]), self.truncation)):
+        # cfg_truncation >= 1 never switches guidance off: sigma is not even looked at.
+        if self.use_cfg and (self.truncation >= 1.0 or cfg_active(self.cfg, self.sigma_value(sigma), self.truncation)):
             out = self.dit.denoise(torch.cat([xin, xin]), torch.cat([t, t]), self.plan_cfg).float()
             pos, neg = out.chunk(2)
             v = cfg_combine(pos, neg, self.cfg, self.normalization)
@@ -126,12 +153,48 @@ class Denoiser:
         return -v
 
 
-class ZImagePipeline:
-    """DiT + text encoder + VAE. Components may be swapped or offloaded by the caller."""
+@dataclass
+class ModelSources:
+    """The files a pipeline (re)loads its components from, and how."""
 
-    def __init__(self, dit: ZImageDiT, text_encoder, vae, device: torch.device | str = "cpu"):
-        self.dit, self.text_encoder, self.vae = dit, text_encoder, vae
+    transformer: Path | None = None
+    text_encoder: Path | None = None
+    vae: Path | None = None
+    tokenizer: str | os.PathLike | None = None
+    dtype: torch.dtype = torch.float32
+    quant: str = "none"
+    text_encoder_quant: str = "none"
+    loras: list = field(default_factory=list)  # [(LoRA, strength)], applied whenever the DiT is loaded
+
+
+_COMPONENTS = ("text_encoder", "dit", "vae")
+
+
+class ZImagePipeline:
+    """DiT + text encoder + VAE, and where their weights live while each stage runs.
+
+    Built directly (``ZImagePipeline(dit, te, vae, device)``) the caller places the components and the
+    pipeline never moves them. Built by :meth:`load`, a memory mode decides the placement per stage, and
+    with ``lazy=True`` each component is loaded just before its stage and freed right after (the one-shot
+    command line); :meth:`release` frees components of a long-lived pipeline, which reloads them on use.
+    """
+
+    def __init__(self, dit: ZImageDiT | None, text_encoder, vae, device: torch.device | str = "cpu", *,
+                 memory: str | None = None, offload_device: torch.device | str = "cpu",
+                 sources: ModelSources | None = None, lazy: bool = False, attention: str = "sdpa",
+                 compile: bool = False):
+        from .memory import Residency
+
+        self._dit, self._te, self._vae = dit, text_encoder, vae
         self.device = torch.device(device)
+        self.offload_device = torch.device(offload_device)
+        self.sources = sources
+        self.lazy = lazy
+        self.attention, self.compile = attention, compile
+        self.attention_backend: str | None = None
+        self.residency = Residency(memory, self.device, offload_device) if memory is not None else None
+        self._estimates: dict[str, tuple] = {}
+        self._work = None
 
     @classmethod
     def load(
@@ -143,10 +206,24 @@ class ZImagePipeline:
         tokenizer: str | os.PathLike | None = None,
         device: str | None = "auto",
         dtype: str | None = "auto",
+        *,
+        memory: str = "auto",
+        quant: str = "none",
+        text_encoder_quant: str | None = None,
+        attention: str = "auto",
+        compile: bool = False,
+        loras: list[tuple[str | os.PathLike, float]] = (),
+        lazy: bool = False,
+        offload_device: str = "cpu",
     ) -> ZImagePipeline:
-        """From a diffusers-layout folder (``model``) or the three single files (any may override ``model``)."""
-        from .text_encoder import TextEncoder
-        from .vae import load_vae
+        """From a diffusers-layout folder (``model``) or the three single files (any may override ``model``).
+
+        ``memory``: auto, full, text-encoder-offload, block-swap:N or sequential (see :mod:`zimage_core.memory`).
+        ``quant``: weight quantization of the DiT and (unless ``text_encoder_quant``) the text encoder.
+        ``lazy``: load nothing now; load each component before its stage and free it after.
+        """
+        from .lora import load_lora
+        from .memory import parse_memory_mode
 
         dev = pick_device(device)
         wdtype = resolve_dtype(dtype, dev)
@@ -160,15 +237,185 @@ class ZImagePipeline:
                    if v is None and root is None]
         if missing:
             raise ZImageError(f"no model given: pass --model DIR, or all of {', '.join(missing)}.")
-        te_path = text_encoder or root
-        dit = load_dit(transformer or root, dtype=wdtype, device=dev)
-        te = TextEncoder.load(te_path, tokenizer=tokenizer, dtype=wdtype, device=dev)
-        ae = load_vae(vae or root, dtype=torch.float32, device=dev)
-        return cls(dit, te, ae, dev)
+        mode = str(parse_memory_mode(memory))
+        sources = ModelSources(
+            transformer=Path(transformer or root), text_encoder=Path(text_encoder or root), vae=Path(vae or root),
+            tokenizer=tokenizer, dtype=wdtype, quant=quant or "none",
+            text_encoder_quant=(text_encoder_quant if text_encoder_quant is not None else quant) or "none",
+            loras=[(load_lora(p), float(s)) for p, s in loras],
+        )
+        pipe = cls(None, None, None, dev, memory=mode, offload_device=offload_device, sources=sources, lazy=lazy,
+                   attention=attention, compile=compile)
+        pipe._probe()  # every file checked (and sized) before anything heavy happens
+        if not lazy:
+            pipe._plan()
+            for name in ("dit", "text_encoder", "vae"):
+                getattr(pipe, name)
+        return pipe
+
+    # ---- components ------------------------------------------------------------------------------
+    @property
+    def dit(self) -> ZImageDiT:
+        if self._dit is None:
+            self._dit = self._load_dit()
+        return self._dit
+
+    @dit.setter
+    def dit(self, value) -> None:
+        self._replace("dit", value)
+
+    @property
+    def text_encoder(self):
+        if self._te is None and self.sources is not None:
+            self._te = self._load_text_encoder()
+        return self._te
+
+    @text_encoder.setter
+    def text_encoder(self, value) -> None:
+        self._replace("text_encoder", value)
+
+    @property
+    def vae(self):
+        if self._vae is None and self.sources is not None:
+            self._vae = self._load_vae()
+        return self._vae
+
+    @vae.setter
+    def vae(self, value) -> None:
+        self._replace("vae", value)
+
+    def _replace(self, name: str, value) -> None:
+        if self.residency is not None:
+            self.residency.forget(name)
+        setattr(self, {"dit": "_dit", "text_encoder": "_te", "vae": "_vae"}[name], value)
+
+    def loaded(self) -> list[str]:
+        return [n for n, v in (("text_encoder", self._te), ("dit", self._dit), ("vae", self._vae)) if v is not None]
+
+    def release(self, *names: str) -> None:
+        """Free components (all when none is named); a pipeline with files reloads them when used again."""
+        for name in names or _COMPONENTS:
+            if name not in _COMPONENTS:
+                raise ValueError(f"unknown component '{name}'; use one of {', '.join(_COMPONENTS)}")
+            attr = {"dit": "_dit", "text_encoder": "_te", "vae": "_vae"}[name]
+            comp = getattr(self, attr)
+            if comp is None:
+                continue
+            if self.residency is not None:
+                self.residency.forget(name)
+            if name == "text_encoder" and hasattr(comp, "unload"):
+                comp.unload()
+            setattr(self, attr, None)
+            del comp
+            log.debug("released the %s", name)
+        from .memory.components import free_memory
+
+        free_memory(self.device)
+
+    def _need_sources(self, what: str) -> ModelSources:
+        if self.sources is None:
+            raise ZImageError(f"the pipeline has no {what} (it was released or never given) and no file to load "
+                              "it from; build it with ZImagePipeline.load(...).")
+        return self.sources
+
+    def _target(self, component: str) -> torch.device:
+        if self.residency is None:
+            return self.device
+        if component == "dit" and self._dit is None and "dit" not in self._estimates:
+            return self.offload_device  # size unknown until loaded: load off the device, place it after
+        if self.residency.plan is None:
+            self._plan()
+        return self.residency.load_device(component)
+
+    def _load_dit(self) -> ZImageDiT:
+        from .memory import check_quant
+
+        src = self._need_sources("diffusion model")
+        dit = load_dit(src.transformer, dtype=src.dtype, device=self._target("dit"),
+                       **check_quant(load_dit, src.quant, "diffusion model"))
+        self.attention_backend = set_attention(dit, self.attention, device=self.device)
+        if src.loras:
+            from .lora import apply_loras
+
+            apply_loras(dit, src.loras, mode="merge" if src.quant == "none" else "runtime")
+        if self.compile:
+            from .compile import compile_blocks
+
+            compile_blocks(dit)
+        return dit
+
+    def _load_text_encoder(self):
+        from .memory import check_quant
+        from .text_encoder import TextEncoder
+
+        src = self.sources
+        return TextEncoder.load(src.text_encoder, tokenizer=src.tokenizer, dtype=src.dtype,
+                                device=self._target("text_encoder"),
+                                **check_quant(TextEncoder.load, src.text_encoder_quant, "text encoder"))
+
+    def _load_vae(self):
+        from .vae import load_vae
+
+        target = self.device if self.residency is None or self.lazy else self._vae_home()
+        return load_vae(self.sources.vae, dtype=torch.float32, device=target)
+
+    # ---- memory planning ---------------------------------------------------------------------------
+    def _probe(self) -> None:
+        """Check every source file and size it from its header (no weights are read)."""
+        from .memory.components import probe_sources
+
+        self._estimates = probe_sources(self.sources)
+
+    def _plan(self, work=None):
+        """Plan the memory mode for ``work`` (a :class:`~zimage_core.memory.Workload`); None if unmanaged."""
+        from .memory import Workload
+        from .memory.components import component_sizes, on_device_bytes
+
+        if self.residency is None:
+            return None
+        work = work or self._work or Workload()
+        te = self._te if self._te is not None and self._te.loaded else None
+        sizes, vae_cfg = component_sizes(self._dit, te, self._vae, self._estimates, work,
+                                         self.sources.dtype if self.sources else torch.float32)
+        if "dit" not in sizes:  # not loaded and not sized (GGUF): plan the other stages without it
+            from .memory import ComponentSize
+
+            sizes["dit"] = ComponentSize(0)
+        resident = sum(on_device_bytes(m, self.device) for m in (self._dit, self._vae, te and te.model))
+        return self.residency.make_plan(sizes["dit"], sizes.get("text_encoder"), sizes.get("vae"), work,
+                                        vae_cfg=vae_cfg, resident=resident)
+
+    def _vae_home(self) -> torch.device:
+        plan = self.residency.plan if self.residency is not None else None
+        return self.device if plan is None or plan.mode == "full" else self.offload_device
 
     # ---- stages ------------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str], max_length: int | None = 512) -> list[torch.Tensor]:
-        return self.text_encoder.encode(prompts, max_length=max_length)
+        from .memory import Workload
+
+        te = self.text_encoder
+        if te is None:
+            raise ZImageError("this pipeline has no text encoder; encode the prompts elsewhere and call sample().")
+        cached = getattr(te, "cached", None)
+        needs_model = not (callable(cached) and cached(prompts, max_length))
+        res = self.residency
+        if res is not None and needs_model:
+            plan = self._plan(self._work or Workload(batch=len(prompts), text_tokens=max_length or 512))
+            if plan.mode != "full":  # one big component on the device at a time
+                if self._dit is not None:
+                    res.park_dit(self._dit)
+                if self._vae is not None:
+                    self._vae.to(self.offload_device)
+            res.place_text_encoder(te)
+        try:
+            return te.encode(prompts, max_length=max_length)
+        finally:
+            if res is not None:
+                res.text_encoder_done()
+                if self.lazy:
+                    self.release("text_encoder")
+                elif res.plan is not None and res.plan.offload_text_encoder and needs_model:
+                    res.park_text_encoder(te)
 
     def sample(
         self,
@@ -186,32 +433,92 @@ class ZImagePipeline:
         b, _, h, w = noise.shape
         if len(cond) != b:
             raise ZImageError(f"{len(cond)} conditionings for a batch of {b} latents.")
-        fn = Denoiser(self.dit, cond, uncond, (h, w), opts.cfg, opts.cfg_normalization, opts.cfg_truncation)
-        if init_latents is None:
-            sigmas = flow_sigmas(opts.steps, opts.shift)
-            x = noise_latent(torch.zeros_like(noise), noise, float(sigmas[0]))
-        else:
-            x0 = init_latents.to(self.device, torch.float32)
-            sigmas = img2img_sigmas(opts.steps, opts.shift, opts.denoise)
-            x = noise_latent(x0, noise, float(sigmas[0]))
-            if mask is not None:
+        dit = self.dit
+        res = self.residency
+        if res is not None:
+            from .memory import Workload
+
+            tokens = max(int(c.shape[0]) for c in list(cond) + list(uncond or []))
+            self._plan(self._work or Workload(w * VAE_DOWNSCALE, h * VAE_DOWNSCALE, b,
+                                              uncond is not None and opts.cfg > 1.0, tokens))
+            if self._te is not None and self._te.loaded and res.plan.offload_text_encoder:
+                res.park_text_encoder(self._te)
+            if self._vae is not None and res.plan.mode != "full":
+                self._vae.to(self.offload_device)
+            res.place_dit(dit)
+        try:
+            if init_latents is None:
+                sigmas = flow_sigmas(opts.steps, opts.shift)
+                x0 = None
+                x = noise_latent(torch.zeros_like(noise), noise, float(sigmas[0]))
+            else:
+                x0 = init_latents.to(self.device, torch.float32)
+                sigmas = img2img_sigmas(opts.steps, opts.shift, opts.denoise)
+                x = noise_latent(x0, noise, float(sigmas[0]))
+            sig = sigmas.to(self.device, torch.float32).contiguous()
+            fn = Denoiser(dit, cond, uncond, (h, w), opts.cfg, opts.cfg_normalization, opts.cfg_truncation, sig)
+            if x0 is not None and mask is not None:
                 fn = inpaint_model_fn(fn, x0, noise, mask.to(self.device))
-        sampler = get_sampler(opts.sampler)
-        with torch.inference_mode():
-            x = sampler(fn, x, sigmas.to(self.device), callback=callback, cancel=cancel)
-        if init_latents is not None and mask is not None:
+            sampler = get_sampler(opts.sampler)
+            with torch.inference_mode():
+                x = sampler(fn, x, sig, callback=callback, cancel=cancel)
+        finally:
+            flush_streamers(dit)  # no prefetched block outlives the run, whoever placed the DiT
+            if res is not None and self.lazy:
+                self.release("dit")
+        if x0 is not None and mask is not None:
             m = mask.to(self.device)
-            x = x * m + init_latents.to(self.device, torch.float32) * (1 - m)
+            x = x * m + x0 * (1 - m)
         return x
+
+    def _vae_stage(self, fn, work_hw: tuple[int, int], batch: int):
+        """Run ``fn(vae)`` with the VAE on the device (and the DiT parked first when the plan says so)."""
+        vae = self.vae
+        if vae is None:
+            raise ZImageError("this pipeline has no VAE.")
+        res = self.residency
+        tile = None
+        if res is not None:
+            from .memory import Workload
+
+            plan = self._plan(self._work or Workload(work_hw[1], work_hw[0], batch))
+            if plan is not None:
+                if plan.offload_dit and self._dit is not None:
+                    res.park_dit(self._dit)
+                if self._te is not None and self._te.loaded and plan.mode != "full":
+                    res.park_text_encoder(self._te)
+                tile = plan.vae_tile
+            vae.to(self.device)
+        try:
+            with torch.inference_mode():
+                return fn(vae, tile)
+        finally:
+            if self.lazy and res is not None:
+                self.release("vae")
+            elif res is not None:
+                vae.to(self._vae_home())
 
     def decode(self, latents: torch.Tensor, tile: int | str | None = "auto") -> torch.Tensor:
         """Model-space latents -> pixels in [-1, 1] (float32), checked for NaN/Inf."""
         from .vae import check_finite
 
-        with torch.inference_mode():
-            x = self.vae.decode(latents.to(self.device), tile=tile)
+        hw = (latents.shape[-2] * VAE_DOWNSCALE, latents.shape[-1] * VAE_DOWNSCALE)
+
+        def run(vae, planned):
+            use = planned if tile == "auto" and planned not in (None, "auto") else tile
+            return vae.decode(latents.to(self.device), tile=use)
+
+        x = self._vae_stage(run, hw, latents.shape[0])
         check_finite(x, "decoded image")
         return x
+
+    def encode_image(self, pixels: torch.Tensor, tile: int | str | None = "auto") -> torch.Tensor:
+        """Pixels ``[B, 3, H, W]`` in [-1, 1] -> model-space latents (the posterior mean), float32."""
+        def run(vae, planned):
+            use = planned if tile == "auto" and planned not in (None, "auto") else tile
+            return vae.encode(pixels.to(self.device), tile=use)
+
+        return self._vae_stage(run, tuple(pixels.shape[-2:]), pixels.shape[0])
 
     def generate(
         self,
@@ -223,32 +530,40 @@ class ZImagePipeline:
         tile: int | str | None = "auto",
     ):
         """Prompt in, PIL images out (``len = prompts * batch``); img2img/inpainting with ``init_latents``/``mask``."""
+        from .memory import Workload
         from .vae import tensor_to_pil
 
         opts.validate()
         prompts = opts.prompts()
         use_cfg = opts.cfg > 1.0
-        texts = prompts + (opts.negatives() if use_cfg else [])
-        unique = list(dict.fromkeys(texts))
-        embeds = dict(zip(unique, self.encode_prompts(unique, opts.max_length)))
-        cond = [embeds[p] for p in prompts]
-        uncond = [embeds[n] for n in opts.negatives()] if use_cfg else None
-        noise = initial_noise(len(prompts), opts.height, opts.width, opts.seed)
-        if init_latents is not None:
-            init_latents = init_latents.expand(len(prompts), -1, -1, -1)
-            mask = mask.expand(len(prompts), -1, -1, -1) if mask is not None else None
-        bar = _progress(opts.steps, "sampling", progress)
-
-        def on_step(i, n, x, denoised):
-            bar.update(1)
-            if callback is not None:
-                callback(i, n, x, denoised)
-
+        self._work = Workload(opts.width, opts.height, len(prompts), use_cfg, opts.max_length or 512)
         try:
-            latents = self.sample(cond, uncond, noise, opts, init_latents, mask, callback=on_step)
+            texts = prompts + (opts.negatives() if use_cfg else [])
+            unique = list(dict.fromkeys(texts))
+            embeds = dict(zip(unique, self.encode_prompts(unique, opts.max_length)))
+            cond = [embeds[p] for p in prompts]
+            uncond = [embeds[n] for n in opts.negatives()] if use_cfg else None
+            del embeds
+            noise = initial_noise(len(prompts), opts.height, opts.width, opts.seed)
+            if init_latents is not None:
+                init_latents = init_latents.expand(len(prompts), -1, -1, -1)
+                mask = mask.expand(len(prompts), -1, -1, -1) if mask is not None else None
+            bar = _progress(opts.steps, "sampling", progress)
+
+            def on_step(i, n, x, denoised):
+                bar.update(1)
+                if callback is not None:
+                    callback(i, n, x, denoised)
+
+            try:
+                latents = self.sample(cond, uncond, noise, opts, init_latents, mask, callback=on_step)
+            finally:
+                bar.close()
+            del cond, uncond
+            return tensor_to_pil(self.decode(latents, tile=tile))
         finally:
-            bar.close()
-        return tensor_to_pil(self.decode(latents, tile=tile))
+            self._work = None
+
 
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm

@@ -5,6 +5,8 @@ Never rename, reorder or insert inputs; add a new node (``...V2``) instead.
 """
 
 from .conditioning import ZImageTextEncode
+from .edit import ZImageEditConditioning, ZImageVisionLoader
+from .enhancer import ZImagePromptEnhancer
 from .loaders import ZImageLoraLoader, ZImageModelLoader, ZImageTextEncoderLoader
 from .sampler import ZImageTurboSampler
 
@@ -14,6 +16,9 @@ NODE_CLASS_MAPPINGS = {
     "ZImageTextEncode": ZImageTextEncode,
     "ZImageTurboSampler": ZImageTurboSampler,
     "ZImageLoraLoader": ZImageLoraLoader,
+    "ZImageVisionLoader": ZImageVisionLoader,
+    "ZImageEditConditioning": ZImageEditConditioning,
+    "ZImagePromptEnhancer": ZImagePromptEnhancer,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -22,6 +27,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageTextEncode": "Z-Image Text Encode",
     "ZImageTurboSampler": "Z-Image Sampler",
     "ZImageLoraLoader": "Z-Image LoRA Loader",
+    "ZImageVisionLoader": "Z-Image Vision Loader (SigLIP2)",
+    "ZImageEditConditioning": "Z-Image Edit Conditioning",
+    "ZImagePromptEnhancer": "Z-Image Prompt Enhancer",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -16,6 +16,7 @@ import torch
 from . import host
 from ._engine import ZImageError, core
 from .conditioning import caption_features, host_intermediate_device
+from .edit import edit_conditions, has_references
 from .handles import ZImageModel
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,14 @@ class ZImageTurboSampler:
                                         denoise=float(denoise))
         opts.validate()
         feat_dim = model.config.cap_feat_dim
-        cond = caption_features(positive, "positive", b, feat_dim)
-        uncond = caption_features(negative, "negative", b, feat_dim) if cfg > 1.0 else None
+        # Reference latents (Z-Image Edit Conditioning, native TextEncodeZImageOmni): the Omni path.
+        omni = has_references(positive) or (cfg > 1.0 and has_references(negative))
+        if omni:
+            cond = edit_conditions(positive, "positive", b, model.config)
+            uncond = edit_conditions(negative, "negative", b, model.config) if cfg > 1.0 else None
+        else:
+            cond = caption_features(positive, "positive", b, feat_dim)
+            uncond = caption_features(negative, "negative", b, feat_dim) if cfg > 1.0 else None
 
         noise = prepare_noise(samples, seed, latent_image.get("batch_index")).float()
         noise = sampling.perturb_initial(noise, int(seed), float(seed_variance))
@@ -152,8 +159,12 @@ class ZImageTurboSampler:
         dit = model.prepare()
         pipe = pipeline.ZImagePipeline(dit, None, None, device=dit.device)
         callback = host.step_callback(int(steps), dit.device)
-        x = pipe.sample(cond, uncond, noise, opts, init_latents=init, mask=mask, callback=callback,
-                        cancel=host.cancel_check)
+        if omni:
+            x = core("edit").sample_omni(dit, cond, uncond, noise, opts, init_latents=init, mask=mask,
+                                         callback=callback, cancel=host.cancel_check)
+        else:
+            x = pipe.sample(cond, uncond, noise, opts, init_latents=init, mask=mask, callback=callback,
+                            cancel=host.cancel_check)
         if not bool(torch.isfinite(x).all()):
             hint = (" The model runs in fp16, which overflows for this checkpoint: choose bf16 or fp32 in Z-Image "
                     "Model Loader." if model.dtype == torch.float16 else " Try weight_dtype fp32 or bf16.")

@@ -26,15 +26,16 @@ FILES = sorted(WORKFLOWS.glob("*.json"))
 W, H = 64, 48
 REQUIRED = {
     "zimage_turbo_t2i.json", "zimage_base_cfg.json", "zimage_img2img.json", "zimage_inpaint.json",
-    "zimage_lora_stack.json", "zimage_turbo_lowvram.json",
+    "zimage_lora_stack.json", "zimage_turbo_lowvram.json", "zimage_edit.json", "zimage_prompt_enhanced.json",
 }
+ENHANCER_TOKENS = 12  # the tiny random LLM's rewrite is noise; a few tokens prove the wiring
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wf")
     tiny = build_tiny_model(tmp, seed=41)
-    models = C.install_models(tiny, tmp / "models")
+    models = C.install_edit_models(tiny, C.install_models(tiny, tmp / "models"), seed=43)
     mp = pytest.MonkeyPatch()
     mp.setenv("ZIMAGE_MODELS_DIR", str(models))
     mp.setattr(C.LoadImage, "input_dir", tmp / "input")
@@ -63,6 +64,10 @@ def api(name: str) -> dict:
     for node in prompt.values():
         if node["class_type"] == "EmptySD3LatentImage":
             node["inputs"].update(width=W, height=H)
+        if node["class_type"] == "ZImagePromptEnhancer":
+            node["inputs"]["max_new_tokens"] = ENHANCER_TOKENS
+        if node["class_type"] == "ZImageTurboSampler" and name == "zimage_edit.json":
+            node["inputs"]["steps"] = min(node["inputs"]["steps"], 8)  # the Omni forward is re-run in full per step
     return prompt
 
 
@@ -105,7 +110,7 @@ def test_workflow_is_loadable_ui_format(path):
                          ("qwen_3_4b.safetensors", "ae.safetensors", "models/diffusion_models", "models/vae"))
     prompt = C.ui_to_api(wf, C.all_nodes())  # every widget value maps onto an input, none left over
     names = {n["inputs"].get("model_name") for n in prompt.values()} - {None}
-    assert names <= {"z_image_turbo_bf16.safetensors", "z_image_bf16.safetensors"}
+    assert names <= {"z_image_turbo_bf16.safetensors", "z_image_bf16.safetensors", C.OMNI_DIT_NAME}
 
 
 def test_conversion_skips_control_after_generate():
@@ -196,3 +201,30 @@ def test_bad_input_is_a_readable_error(setup):
 
     with pytest.raises(ZImageError, match="multiples of 16"):
         setup["executor"].run(prompt)
+
+
+def test_prompt_enhanced_workflow_encodes_the_rewrite(setup):
+    prompt = api("zimage_prompt_enhanced.json")
+    ex = setup["executor"]
+    results = ex.run(prompt)
+    eid, tid = by_class(prompt, "ZImagePromptEnhancer")[0], by_class(prompt, "ZImageTextEncode")[0]
+    assert prompt[tid]["inputs"]["text"] == [eid, 0]  # the converted widget takes the enhancer's STRING
+    text = results[eid][0]
+    assert isinstance(text, str) and text and ex.ui[eid]["text"] == [text]
+    te = results[prompt[tid]["inputs"]["text_encoder"][0]][0]
+    want = te.encoder.encode([text], max_length=prompt[tid]["inputs"]["max_length"])[0]
+    assert torch.equal(results[tid][0][0][0][0], want)
+
+
+def test_edit_workflow_conditions_on_the_reference(setup):
+    prompt = api("zimage_edit.json")
+    results = setup["executor"].run(prompt)
+    cid = by_class(prompt, "ZImageEditConditioning")[0]
+    positive, negative, latent = results[cid]
+    opts = positive[0][1]
+    assert [tuple(r.shape) for r in opts["reference_latents"]] == [(1, 16, H // 8, W // 8)]
+    assert len(opts["reference_latents_text_embeds"]) == 2 and len(opts["clip_vision_outputs"]) == 1
+    assert negative[0][1]["reference_latents"][0] is opts["reference_latents"][0]
+    assert tuple(latent["samples"].shape) == (1, 16, H // 8, W // 8)
+    sid = by_class(prompt, "ZImageTurboSampler")[0]
+    assert prompt[sid]["inputs"]["negative"] == [cid, 1] and prompt[sid]["inputs"]["cfg"] > 1

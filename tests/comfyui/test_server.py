@@ -97,7 +97,7 @@ def server(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("comfyui")
     tiny = build_tiny_model(tmp, seed=51)
-    models = C.install_models(tiny, tmp / "models")
+    models = C.install_edit_models(tiny, C.install_models(tiny, tmp / "models"), seed=52)
     import shutil
 
     shutil.rmtree(models / "text_encoders" / "tokenizer")  # use ComfyUI's bundled qwen25_tokenizer
@@ -116,7 +116,8 @@ def server(tmp_path_factory):
     Image.fromarray(rgba, "RGBA").save(tmp / "input" / "example.png")
     yaml = tmp / "extra_model_paths.yaml"
     yaml.write_text("zimage_test:\n" + f"    base_path: {tmp}\n" + "".join(
-        f"    {k}: models/{k}\n" for k in ("diffusion_models", "text_encoders", "vae", "loras")) + "    custom_nodes: custom_nodes\n")
+        f"    {k}: models/{k}\n" for k in ("diffusion_models", "text_encoders", "vae", "loras", "clip_vision"))
+        + "    custom_nodes: custom_nodes\n")
     port = free_port()
     log = tmp / "comfyui.log"
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
@@ -196,6 +197,8 @@ def api(server, name: str, **sampler) -> dict:
         if node["class_type"] == "ZImageTurboSampler":
             node["inputs"]["steps"] = min(node["inputs"]["steps"], 8)  # Base's 30 steps prove nothing more here
             node["inputs"].update(sampler)
+        if node["class_type"] == "ZImagePromptEnhancer":
+            node["inputs"]["max_new_tokens"] = 16  # the tiny random LLM writes noise; a few tokens prove the wiring
     return prompt
 
 

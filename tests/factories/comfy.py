@@ -52,6 +52,35 @@ def install_models(tiny, root: Path, dit_names=("z_image_turbo_bf16.safetensors"
     return root
 
 
+OMNI_DIT_NAME = "z_image_omni_base_bf16.safetensors"
+VISION_NAME = "siglip2-so400m-patch16-naflex"
+
+
+def make_siglip2(hidden: int = 24, seed: int = 0):
+    """A tiny random ``transformers.Siglip2VisionModel`` (NaFlex, patch 16, 4x4 position grid, no pooling head)."""
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    cfg = Siglip2VisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                              num_attention_heads=2, patch_size=16, num_patches=16, vision_use_head=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Siglip2VisionModel(cfg).eval()
+
+
+def install_edit_models(tiny, root: Path, seed: int = 0) -> Path:
+    """Add a tiny Omni DiT (``OMNI_DIT_NAME``, SigLIP branch of width 24) and a tiny SigLIP2 folder
+    (``clip_vision/VISION_NAME``, Hugging Face layout) to a ``models/`` folder made by :func:`install_models`."""
+    from tests.factories.dit import make_diffusers_dit, save_comfy_dit
+    from zimage_core.vision import make_processor
+
+    cfg = tiny.dit_config.replace(siglip_feat_dim=24)
+    save_comfy_dit(make_diffusers_dit(cfg, seed), root / "diffusion_models" / OMNI_DIT_NAME, cfg=cfg)
+    folder = root / "clip_vision" / VISION_NAME
+    make_siglip2(24, seed + 1).save_pretrained(folder)
+    make_processor().save_pretrained(folder)
+    return root
+
+
 def peft_lora(dit, keys, rank=2, seed=0) -> dict[str, torch.Tensor]:
     """Tensors of a diffusers/PEFT-style LoRA for native module names ``keys`` of ``dit`` (``.to_q`` etc. for
     the slices of the fused qkv)."""
@@ -235,6 +264,27 @@ def _extra_widget(name: str, spec) -> bool:
     return _spec_type(spec) == "COMBO" and bool(opts.get("image_upload"))
 
 
+def _default(spec):
+    opts = spec[1] if len(spec) > 1 else {}
+    if "default" in opts:
+        return opts["default"]
+    return spec[0][0] if _spec_type(spec) == "COMBO" else None
+
+
+def _fits(spec, value) -> bool:
+    """A widget value of the widget's kind (catches values shifted onto the wrong widget)."""
+    kind = _spec_type(spec)
+    if kind == "INT":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "FLOAT":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "BOOLEAN":
+        return isinstance(value, bool)
+    if kind == "STRING":
+        return isinstance(value, str)
+    return True
+
+
 def ui_to_api(workflow: dict, classes: dict) -> dict:
     links = {lk[0]: lk for lk in workflow["links"]}
     prompt = {}
@@ -244,9 +294,15 @@ def ui_to_api(workflow: dict, classes: dict) -> dict:
         cls = classes[node["type"]]
         values = list(node.get("widgets_values") or [])
         inputs, i = {}, 0
+        optional = set(cls.INPUT_TYPES().get("optional", {}))
         for name, spec in widget_inputs(cls):
             if i >= len(values):
+                if name in optional:  # a widget added after the workflow was saved: the front end shows its default
+                    inputs[name] = _default(spec)
+                    continue
                 raise ValueError(f"node {node['id']} ({node['type']}): widgets_values has no value for '{name}'")
+            if not _fits(spec, values[i]):
+                raise ValueError(f"node {node['id']} ({node['type']}): widget values do not fit: '{name}' got {values[i]!r}")
             inputs[name] = values[i]
             i += 1 + _extra_widget(name, spec)
         if i != len(values):
@@ -301,6 +357,7 @@ class Executor:
         self.cache: dict = {}
         self.objects: dict = {}
         self.executed: list[str] = []
+        self.ui: dict = {}
 
     def _signature(self, prompt, nid, memo):
         if nid in memo:
@@ -343,6 +400,9 @@ class Executor:
         cls = self.classes[node["class_type"]]
         obj = self.objects.setdefault((nid, node["class_type"]), cls())
         out = getattr(obj, cls.FUNCTION)(**kwargs)
+        if isinstance(out, dict) and "result" in out:  # {"ui": ..., "result": (...)}: outputs plus node UI data
+            self.ui[nid] = out.get("ui")
+            out = tuple(out["result"])
         if isinstance(out, dict):
             results[nid] = out
         else:

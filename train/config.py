@@ -1,0 +1,289 @@
+"""The training configuration: dataclasses read from a TOML file, with ``key=value`` overrides.
+
+One file describes a whole run (model, data, objective, optimizer, EMA, checkpoints, samples, export);
+the same file runs on a laptop CPU and on a cluster (the launcher decides the processes: ``python -m
+train.run`` or ``accelerate launch -m train.run``). Unknown keys are errors that list the valid ones.
+Overrides use dotted paths and TOML values: ``optim.lr=3e-5``, ``max_steps=10``,
+``data.sources=[{type="folder", path="my_images"}]``; a value that is not valid TOML is taken as a string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zimage_core.errors import ZImageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    try:
+        import tomli as tomllib
+    except ImportError:  # pragma: no cover
+        tomllib = None
+
+#: ``model.text_encoder`` / ``model.vae`` value that builds a seeded random tiny encoder (tests, CPU demos).
+RANDOM_TINY = "random-tiny"
+PRESETS = ("tiny", "mid", "turbo", "base", "omni")
+DEFAULT_LORA_TARGETS = [r"attention\.qkv$", r"attention\.out$", r"feed_forward\.w[123]$"]
+
+
+class ConfigError(ZImageError):
+    """A training configuration file or override is invalid."""
+
+
+@dataclass
+class ModelSection:
+    """The DiT to train and the frozen encoders that build the cache (and draw the samples)."""
+
+    preset: str = "tiny"  # architecture when training from scratch: tiny | mid | turbo | base | omni
+    dims: dict = field(default_factory=dict)  # explicit DiTConfig fields over the preset, e.g. {dim = 128}
+    checkpoint: str = ""  # initialise from this DiT file/folder (any layout zimage reads); "" = from scratch
+    omni: bool = False  # give a checkpoint without the SigLIP branch a freshly initialised one
+    siglip_dim: int = 1152  # width of that branch's input (SigLIP2-so400m)
+    dtype: str = "fp32"  # DiT weights: fp32 for (full) training; a LoRA base may be "bf16"
+    gradient_checkpointing: bool = False
+    text_encoder: str = ""  # Qwen3 file/folder, or "random-tiny"
+    tokenizer: str = ""  # tokenizer folder ("" = found next to the text encoder)
+    vae: str = ""  # Flux VAE file/folder, or "random-tiny"
+    vision: str = ""  # SigLIP2 vision encoder for edit data on Omni models ("" = none)
+    encoder_dtype: str = "auto"  # bf16 on CUDA, fp32 on CPU
+    encoder_seed: int = 0  # seed of the random-tiny encoders
+
+
+@dataclass
+class OptimSection:
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
+    lr: float = 1e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine (after the warm-up)
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # 0 = off
+    grad_accum: int = 1
+
+
+@dataclass
+class ObjectiveSection:
+    """Flow matching in Z-Image conventions (see :mod:`train.objective`)."""
+
+    timesteps: str = "logit_normal"  # logit_normal | uniform
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: str = "dynamic"  # dynamic (resolution-dependent, Flux-style) | static | none
+    static_shift: float = 3.0  # for shift = "static" (Turbo 3.0, Base 6.0)
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 16.0
+    targets: list = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))  # regexes on module names
+    init_seed: int = 0
+
+
+@dataclass
+class EMASection:
+    enabled: bool = False
+    decay: float = 0.9999
+    start_step: int = 0  # copy the weights until this step, then average
+    every: int = 1  # update every N optimizer steps
+    warmup: bool = True  # ramp the decay as min(decay, (1 + n) / (10 + n)) over the first updates
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 1000  # optimizer steps between checkpoints (0 = only at the end)
+    keep_last: int = 3  # completed checkpoints kept (0 = all)
+
+
+@dataclass
+class SampleSection:
+    every: int = 0  # optimizer steps between sample grids (0 = off)
+    prompts: list = field(default_factory=lambda: ["a photo of a cat"])
+    seeds: list = field(default_factory=lambda: [0])
+    width: int = 256
+    height: int = 256
+    steps: int = 8
+    cfg: float = 1.0
+    shift: float = 3.0
+    sampler: str = "euler"
+    use_ema: bool = True  # sample from the EMA weights when EMA is on
+
+
+@dataclass
+class ExportSection:
+    final: bool = True  # export when the run reaches max_steps
+    layout: str = "comfyui"  # comfyui | diffusers | zimage (full models)
+    dtype: str = "bf16"  # full-model export dtype: bf16 | fp16 | fp32
+    ema: bool = True  # export the EMA weights when EMA is on
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    output_dir: str = ""  # "" = runs/<name>
+    seed: int = 0
+    max_steps: int = 1000
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, none on CPU) | no | bf16 | fp16
+    device: str = "auto"  # auto | cpu (force the CPU even when a GPU is present)
+    log_every: int = 10
+    ddp_find_unused_parameters: bool | None = None  # None = on for Omni models (unused SigLIP branch in T2I)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: dict = field(default_factory=dict)  # train.data.DataConfig fields
+    synthetic: dict = field(default_factory=dict)  # make the synthetic dataset first: {folder, n_per_class, size, seed}
+    optim: OptimSection = field(default_factory=OptimSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    ema: EMASection = field(default_factory=EMASection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    samples: SampleSection = field(default_factory=SampleSection)
+    export: ExportSection = field(default_factory=ExportSection)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+
+    def data_config(self):
+        from train.data import DataConfig
+
+        return DataConfig.from_dict(dict(self.data), where="[data] section of the training config")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        m, o = self.model, self.optim
+        if m.preset not in PRESETS:
+            raise ConfigError(f"model.preset '{m.preset}' is unknown; use one of {', '.join(PRESETS)}.")
+        if m.dtype not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"model.dtype '{m.dtype}' must be fp32, bf16 or fp16.")
+        if m.dtype != "fp32" and not self.lora.enabled:
+            raise ConfigError(
+                f"model.dtype = '{m.dtype}' only suits a frozen LoRA base; full training keeps fp32 master weights "
+                "(use mixed_precision = 'bf16' for bf16 compute)."
+            )
+        if self.max_steps < 1:
+            raise ConfigError(f"max_steps must be at least 1, got {self.max_steps}.")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ConfigError(f"mixed_precision '{self.mixed_precision}' must be auto, no, bf16 or fp16.")
+        if self.device not in ("auto", "cpu"):
+            raise ConfigError(f"device '{self.device}' must be 'auto' or 'cpu' (GPUs are chosen by the launcher).")
+        if o.optimizer not in ("adamw", "adamw8bit"):
+            raise ConfigError(f"optim.optimizer '{o.optimizer}' must be 'adamw' or 'adamw8bit'.")
+        if o.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"optim.schedule '{o.schedule}' must be 'constant' or 'cosine'.")
+        if o.grad_accum < 1 or o.warmup_steps < 0 or not o.lr > 0:
+            raise ConfigError("optim: grad_accum must be >= 1, warmup_steps >= 0 and lr > 0.")
+        if len(o.betas) != 2:
+            raise ConfigError(f"optim.betas must be two numbers, got {o.betas}.")
+        ob = self.objective
+        if ob.timesteps not in ("logit_normal", "uniform"):
+            raise ConfigError(f"objective.timesteps '{ob.timesteps}' must be 'logit_normal' or 'uniform'.")
+        if ob.shift not in ("dynamic", "static", "none"):
+            raise ConfigError(f"objective.shift '{ob.shift}' must be 'dynamic', 'static' or 'none'.")
+        if not ob.logit_std > 0 or not ob.static_shift > 0:
+            raise ConfigError("objective: logit_std and static_shift must be > 0.")
+        if self.lora.enabled and (self.lora.rank < 1 or not self.lora.targets):
+            raise ConfigError("lora: rank must be >= 1 and targets must name at least one module pattern.")
+        if not 0.0 <= self.ema.decay < 1.0 or self.ema.every < 1:
+            raise ConfigError(f"ema.decay must be in [0, 1) and ema.every >= 1, got {self.ema.decay}, {self.ema.every}.")
+        if self.checkpoint.every < 0 or self.checkpoint.keep_last < 0:
+            raise ConfigError("checkpoint.every and checkpoint.keep_last must be >= 0.")
+        s = self.samples
+        if s.every and (not s.prompts or not s.seeds):
+            raise ConfigError("samples: give at least one prompt and one seed (or set samples.every = 0).")
+        for side in (s.width, s.height):
+            if side < 16 or side % 16:
+                raise ConfigError(f"samples.width/height must be positive multiples of 16, got {s.width}x{s.height}.")
+        if self.export.layout not in ("comfyui", "diffusers", "zimage"):
+            raise ConfigError(f"export.layout '{self.export.layout}' must be comfyui, diffusers or zimage.")
+        if self.export.dtype not in ("bf16", "fp16", "fp32"):
+            raise ConfigError(f"export.dtype '{self.export.dtype}' must be bf16, fp16 or fp32.")
+        if not self.data:
+            raise ConfigError("the [data] section is missing; give at least data.sources.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(values).__name__} ({values!r}).")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}.")
+    kwargs = {}
+    for name, value in values.items():
+        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING \
+            else fields[name].default
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{where}.{name}" if where != "config" else f"[{name}]")
+        else:
+            kwargs[name] = _check_type(name, value, default, where)
+    return cls(**kwargs)
+
+
+def _check_type(name: str, value: Any, default: Any, where: str) -> Any:
+    if default is None or default == "" and isinstance(value, str):
+        return value
+    if isinstance(default, bool) != isinstance(value, bool):
+        raise ConfigError(f"{where}: '{name}' must be true or false, got {value!r}.")
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, (int, float, str, list, dict)) and not isinstance(value, type(default)):
+        raise ConfigError(f"{where}: '{name}' must be a {type(default).__name__}, got {value!r}.")
+    return value
+
+
+def parse_value(text: str) -> Any:
+    """A TOML value (``3``, ``1e-4``, ``true``, ``"x"``, ``[1, 2]``, ``{a = 1}``), or the raw text."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except Exception:  # noqa: BLE001 - anything that is not TOML is a plain string
+        return text
+
+
+def apply_override(tree: dict, spec: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict (creating tables on the way)."""
+    key, sep, value = spec.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{spec}' must look like key=value, e.g. optim.lr=1e-4 or max_steps=10.")
+    parts = key.strip().split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{spec}': '{p}' is not a table.")
+    node[parts[-1]] = parse_value(value.strip())
+
+
+def config_from_dict(tree: dict) -> TrainConfig:
+    cfg = _build(TrainConfig, tree, "config")
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a TOML file (or start from the defaults) and apply ``key=value`` overrides."""
+    tree: dict = {}
+    if path is not None:
+        if tomllib is None:  # pragma: no cover
+            raise ConfigError("reading TOML needs Python 3.11+ or the 'tomli' package (pip install tomli).")
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"training config '{p}' does not exist; see train/configs/ for examples.")
+        try:
+            tree = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"'{p}' is not valid TOML: {e}") from e
+    for spec in overrides or []:
+        apply_override(tree, spec)
+    return config_from_dict(tree)

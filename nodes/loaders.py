@@ -69,6 +69,21 @@ def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
     return _DTYPES[choice]
 
 
+class _GGUFHeader:
+    """What the loader reads of a GGUF DiT before loading it: the path, the config and tensor getters."""
+
+    def __init__(self, path):
+        self.path = path
+        self.config, self.getters = core("quant.load").gguf_dit_header(path)
+
+
+def dit_header(path):
+    """The DiT file's header (``DiTCheckpoint``, or its GGUF counterpart): a wrong file fails here, before loading."""
+    if core("memory.components")._is_gguf(path):
+        return _GGUFHeader(path)
+    return core("checkpoints").DiTCheckpoint(path)
+
+
 def check_fp16(ckpt, name: str) -> None:
     """Refuse fp16 for checkpoints that overflow in it (native ComfyUI's heuristic: the std of a late
     ``ffn_norm1`` weight). The sampler also checks its result for NaN/Inf."""
@@ -88,7 +103,7 @@ def check_fp16(ckpt, name: str) -> None:
 class ZImageModelLoader:
     DESCRIPTION = (
         "Loads a Z-Image diffusion model (Turbo, Base) from ComfyUI/models/diffusion_models: the ComfyUI single "
-        "file (z_image_turbo_bf16.safetensors), this project's own saves, or a diffusers folder (with "
+        "file (z_image_turbo_bf16.safetensors), its fp8 and GGUF (Q8_0 ... Q4_K) variants, this project's own saves, or a diffusers folder (with "
         "transformer/). The layout and sizes are read from the file."
     )
     CATEGORY = CATEGORY
@@ -149,7 +164,7 @@ class ZImageModelLoader:
         load_device, offload_device = host.dit_devices()
         dtype = pick_dtype(weight_dtype, load_device)
         quant_kw = _quant_kwargs(checkpoints.load_dit, quant, "diffusion model")
-        ckpt = checkpoints.DiTCheckpoint(path)
+        ckpt = dit_header(path)
         if dtype == torch.float16:
             check_fp16(ckpt, model_name)
         swap, activation = plan_swap(memory_mode, swap_blocks, ckpt, dtype, quant, load_device)

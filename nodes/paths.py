@@ -18,6 +18,8 @@ from . import host
 from ._engine import ZImageError
 
 WEIGHT_EXTENSIONS = (".safetensors", ".sft")
+# GGUF files (city96-style quantized DiTs) are ours to list: ComfyUI's own list filters them out.
+EXTRA_EXTENSIONS = {"diffusion_models": (".gguf",)}
 # Where users are told to put each kind, and the ComfyUI key it lives under.
 KIND_HELP = {
     "diffusion_models": "ComfyUI/models/diffusion_models (e.g. z_image_turbo_bf16.safetensors)",
@@ -68,20 +70,25 @@ def model_folders(kind: str) -> dict[str, Path]:
     return found
 
 
+def _scan(kind: str, extensions: tuple[str, ...]) -> list[str]:
+    out = []
+    for root in roots(kind):
+        for p in sorted(root.rglob("*")):
+            if p.is_file() and p.suffix.lower() in extensions:
+                out.append(p.relative_to(root).as_posix())
+    return out
+
+
 def _files(kind: str) -> list[str]:
+    extra = EXTRA_EXTENSIONS.get(kind, ())
     fp = host.comfy_module("folder_paths")
     if fp is not None:
         try:
             names = fp.get_filename_list(kind)
         except Exception:  # noqa: BLE001
             names = []
-        return [n for n in names if n.lower().endswith(WEIGHT_EXTENSIONS)]
-    out = []
-    for root in roots(kind):
-        for p in sorted(root.rglob("*")):
-            if p.is_file() and p.suffix.lower() in WEIGHT_EXTENSIONS:
-                out.append(p.relative_to(root).as_posix())
-    return out
+        return [n for n in names if n.lower().endswith(WEIGHT_EXTENSIONS)] + (_scan(kind, extra) if extra else [])
+    return _scan(kind, WEIGHT_EXTENSIONS + extra)
 
 
 def list_models(kind: str) -> list[str]:
@@ -99,7 +106,7 @@ def resolve(kind: str, name: str) -> Path:
     if name in folders:
         return folders[name]
     fp = host.comfy_module("folder_paths")
-    if fp is not None:
+    if fp is not None and not name.lower().endswith(EXTRA_EXTENSIONS.get(kind, ())):
         full = fp.get_full_path(kind, name)
         if full:
             return Path(full)

@@ -553,3 +553,29 @@ def test_loader_quant_and_swap_options_are_checked(env, monkeypatch):
         loaders.ZImageModelLoader().load("z_image_turbo_bf16.safetensors", quant="nf4")
     got = loaders.ZImageModelLoader().load("z_image_turbo_bf16.safetensors", quant="none")[0]
     assert got.slot.dit.dtype == torch.float32
+
+
+def test_gguf_models_are_listed_and_load_like_the_safetensors_file(loaded, env):
+    """A city96-style GGUF DiT in models/diffusion_models shows in the drop-down and samples like its source."""
+    pytest.importorskip("gguf")
+    from zimage_core.checkpoints import load_dit
+    from zimage_core.quant import QuantLinear
+    from zimage_core.quant.gguf_write import save_gguf
+
+    model, te = loaded
+    src = env.models / "diffusion_models" / "z_image_turbo_bf16.safetensors"
+    save_gguf(load_dit(src, dtype="fp32").state_dict(), env.models / "diffusion_models" / "z_image-F32.gguf", "F32")
+    save_gguf(load_dit(src, dtype="fp32").state_dict(), env.models / "diffusion_models" / "z_image-Q8_0.gguf", "Q8_0")
+    try:
+        assert {"z_image-F32.gguf", "z_image-Q8_0.gguf"} <= set(loaders.ZImageModelLoader.INPUT_TYPES()["required"]["model_name"][0])
+        cond = encode(te, "a lighthouse")
+        want = run(model, cond, seed=3, steps=2)["samples"]
+        exact = loaders.ZImageModelLoader().load("z_image-F32.gguf", memory_mode="auto")[0]
+        assert torch.equal(run(exact, cond, seed=3, steps=2)["samples"], want)  # F32 GGUF: the same weights
+        q8 = loaders.ZImageModelLoader().load("z_image-Q8_0.gguf", memory_mode="block-swap", swap_blocks=1)[0]
+        assert any(isinstance(m, QuantLinear) for m in q8.slot.dit.modules())
+        got = run(q8, cond, seed=3, steps=2)["samples"]
+        assert torch.isfinite(got).all() and not torch.equal(got, want)
+    finally:
+        for name in ("z_image-F32.gguf", "z_image-Q8_0.gguf"):
+            (env.models / "diffusion_models" / name).unlink()

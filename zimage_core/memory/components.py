@@ -88,11 +88,21 @@ def probe_dit(path, dtype: torch.dtype, quant: str = "none"):
     Tensors stored in 8 bits (ComfyUI fp8/int8 files) stay so when loaded and count one byte each."""
     from ..checkpoints import DiTCheckpoint
 
+    blocks: dict[tuple[str, int], int] = {}
+    total = 0
+    if _is_gguf(path):  # packed blocks stay packed: count what the loader will hold
+        from ..quant.load import gguf_dit_sizes
+
+        cfg, sizes = gguf_dit_sizes(path, dtype)
+        for key, b in sizes.items():
+            total += b
+            m = _DIT_BLOCK.search(key)
+            if m:
+                blocks[(m.group(1), int(m.group(2)))] = blocks.get((m.group(1), int(m.group(2))), 0) + b
+        return ComponentSize(total, tuple(blocks.values())), cfg
     ckpt = DiTCheckpoint(path)
     src = ckpt.source
     elt = _elt(dtype)
-    blocks: dict[tuple[str, int], int] = {}
-    total = 0
     for key in src:
         shape = src.shape(key)
         b = _numel(shape) if src.dtype_name(key) in _8BIT else _quant_bytes(shape, elt, quant)
@@ -165,14 +175,8 @@ def _is_gguf(path) -> bool:
 def probe_sources(src) -> dict[str, tuple]:
     """``{component: (size without activation, config)}`` for a pipeline's ``ModelSources``, checking each file
     in loading order (DiT, text encoder, VAE) so a wrong file is reported before anything heavy is read.
-    A GGUF DiT has no entry: it is sized once loaded."""
-    out = {}
-    if _is_gguf(src.transformer):
-        from ..quant.gguf import GGUFSource
-
-        GGUFSource(src.transformer, "diffusion model")  # the header, for a clear error now
-    else:
-        out["dit"] = probe_dit(src.transformer, src.dtype, src.quant)
+    A GGUF DiT is sized from its header with its blocks still packed."""
+    out = {"dit": probe_dit(src.transformer, src.dtype, src.quant)}
     out["text_encoder"] = probe_text_encoder(src.text_encoder, src.tokenizer, src.dtype, src.text_encoder_quant)
     out["vae"] = probe_vae(src.vae)
     return out

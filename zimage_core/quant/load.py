@@ -246,6 +246,19 @@ def load_gguf_dit(path, dtype: torch.dtype, device, mode: str = "none"):
     return model
 
 
+def gguf_dit_header(path) -> tuple:
+    """``(DiTConfig, {native key: getter})`` of a GGUF DiT from its header; a getter reads one stored tensor as
+    float32 (fused q/k/v entries are left out). A file that is not a Z-Image DiT raises here."""
+    from functools import partial
+
+    from .gguf import GGUFSource
+
+    src = GGUFSource(path, "diffusion model")
+    parts, _ = _gguf_dit_parts(src, path)
+    getters = {k: partial(src.read, v[0], torch.float32) for k, v in parts.items() if len(v) == 1}
+    return _gguf_config(src, parts), getters
+
+
 def gguf_dit_sizes(path, dtype: torch.dtype) -> tuple:
     """``(DiTConfig, {native tensor name: bytes once loaded})`` of a GGUF DiT, from its header only (for memory
     planning): block matrices keep their quantized size, everything else is counted in ``dtype``."""

@@ -93,12 +93,13 @@ def write_markdown(path: Path, s: dict) -> None:
         f"| zimage | {s['zimage_s']:.1f} | {s['zimage_peak_mb']:.0f} |\n"
         f"| diffusers 0.42.1 | {s['diffusers_s']:.1f} | {s['diffusers_peak_mb']:.0f} |\n\n"
         f"**Speed-up {s['speedup']:.2f}x**, peak RSS ratio {s['rss_ratio']:.2f}x. "
-        f"Largest pixel difference between the two images: {s['max_pixel_diff']} (of 255).\n"
+        f"Largest pixel difference between the two images: {s['max_pixel_diff']} (of 255).\n\n"
     )
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"
     start = text.find("## CPU: end to end")
     if start >= 0:
-        end = text.find("\n## ", start + 1)
+        ends = [i for i in (text.find("\n## ", start + 1), text.find("\n### ", start + 1)) if i >= 0]
+        end = min(ends) if ends else -1  # the hand-written ### notes under the table are kept
         text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
     else:
         text = text.rstrip() + "\n\n" + section

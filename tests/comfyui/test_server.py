@@ -174,6 +174,11 @@ def to_api(workflow: dict, info: dict) -> dict:
                 if not _is_widget(s):
                     continue
                 opts = s[1] if len(s) > 1 else {}
+                if i >= len(values) and section == "optional":
+                    # a widget added after the workflow was saved: the front end fills in its default
+                    if "default" in opts:
+                        inputs[name] = opts["default"]
+                    continue
                 inputs[name] = values[i]
                 i += 1
                 if s[0] == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):

@@ -250,6 +250,19 @@ def test_merge_remove_is_bit_exact_and_reapply(model):
         assert all(torch.equal(v, once[k]) for k, v in low.state_dict().items())
 
 
+def test_merge_without_keeping_originals_gives_the_same_weights_and_refuses_removal(model):
+    lora = parse_lora(WRITERS["ai-toolkit"](make_spec(model, seed=9))[0], model)
+    kept, lean = copy.deepcopy(model), copy.deepcopy(model)
+    with apply_loras(kept, [(lora, 0.7)]) as h:
+        assert len(h._weights) > 0
+        want = {k: v.clone() for k, v in kept.state_dict().items()}
+    h = apply_loras(lean, [(lora, 0.7)], keep_original=False)
+    assert h._weights == [] and h.lossy  # no copy of any merged weight is held
+    assert all(torch.equal(v, want[k]) for k, v in lean.state_dict().items())
+    with pytest.raises(LoraError, match="load the model again"):
+        h.remove()
+
+
 def test_stacked_loras_sum_and_runtime_equals_merge(model):
     spec_a, spec_b = make_spec(model, seed=10), make_spec(model, rank=2, seed=11, where=lambda d: "layers" in d)
     a = parse_lora(WRITERS["kohya"](spec_a)[0], model)

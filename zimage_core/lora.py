@@ -133,6 +133,7 @@ class LoraHandle:
 
     def __init__(self, model: nn.Module, mode: str):
         self.model, self.mode, self.active = model, mode, True
+        self.keeps_original, self.lossy = True, False  # lossy: merged without a copy of the original weights
         self._weights: list[tuple[nn.Module, str, torch.Tensor]] = []  # (module, param, original values)
         self._modules: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, attribute, original module)
 
@@ -147,6 +148,9 @@ class LoraHandle:
     def remove(self) -> None:
         if not self.active:
             return
+        if self.lossy:
+            raise LoraError("this LoRA was merged without keeping the original weights (keep_original=False); "
+                            "load the model again to drop it.")
         stack = getattr(self.model, _STACK, [])
         if stack and stack[-1] is not self:
             raise LoraError("LoRAs applied after this one are still active; remove them first (reverse order).")
@@ -174,7 +178,10 @@ def _merge(handle: LoraHandle, module: nn.Module, name: str, items, backup_devic
         for term, strength in group:
             off, n = rows(term.chunk, p.shape[0])
             total[off : off + n] += term.to(p.device).delta() * strength  # factors first: the product on-device
-        handle._weights.append((module, param, p.detach().to(backup_device or p.device, copy=True)))
+        if handle.keeps_original:
+            handle._weights.append((module, param, p.detach().to(backup_device or p.device, copy=True)))
+        else:
+            handle.lossy = True
         with torch.no_grad():
             p.copy_((p.float() + total).to(p.dtype))
 
@@ -188,11 +195,13 @@ def _wrap(handle: LoraHandle, model: nn.Module, name: str, items) -> None:
 
 
 def apply_loras(model: nn.Module, loras: Iterable[tuple[LoRA, float] | LoRA], mode: str = "merge",
-                backup_device: str | torch.device | None = "cpu") -> LoraHandle:
+                backup_device: str | torch.device | None = "cpu", keep_original: bool = True) -> LoraHandle:
     """Apply ``[(lora, strength), ...]`` to ``model`` (``merge`` or ``runtime``); returns a handle to remove them.
 
     Every LoRA is checked against the model before anything changes. ``backup_device`` holds the original
-    weights in merge mode (None = the weights' own device).
+    weights in merge mode (None = the weights' own device). ``keep_original=False`` keeps no copy (a model that
+    is used once and dropped, e.g. by ``zimage generate``, saves the memory of every merged weight); its handle
+    cannot be removed.
     """
     if mode not in ("merge", "runtime"):
         raise ValueError(f"unknown LoRA mode '{mode}'; use 'merge' or 'runtime'")
@@ -206,6 +215,7 @@ def apply_loras(model: nn.Module, loras: Iterable[tuple[LoRA, float] | LoRA], mo
             for name, terms in lora.items():
                 plan.setdefault(name, []).extend((t, strength) for t in terms)
     handle = LoraHandle(model, mode)
+    handle.keeps_original = keep_original
     side = 0  # quantized linears: never merged, always a runtime side path
     try:
         for name, items in plan.items():

@@ -337,7 +337,8 @@ class ZImagePipeline:
         if src.loras:
             from .lora import apply_loras
 
-            apply_loras(dit, src.loras, mode="merge" if src.quant == "none" else "runtime")
+            # the DiT is always (re)loaded from its files here, so the merged weights' originals are never needed
+            apply_loras(dit, src.loras, mode="merge" if src.quant == "none" else "runtime", keep_original=False)
         if self.compile:
             from .compile import compile_blocks
 

@@ -139,7 +139,7 @@ def server(tmp_path_factory):
                     raise RuntimeError("ComfyUI did not start:\n" + log.read_text()[-4000:]) from None
                 time.sleep(0.3)
         srv.object_info = srv.get("/object_info")
-        srv.tmp = tmp
+        srv.tmp, srv.models = tmp, models
         yield srv
     finally:
         proc.terminate()
@@ -236,6 +236,32 @@ def test_workflow_runs_in_comfyui(server, path):
     path = server.tmp / "check.png"
     path.write_bytes(png)
     assert Image.open(path).size == (W, H)
+
+
+def test_turbo_workflow_image_equals_the_cli(server):
+    """The issue's promise: same files, prompt, size and seed give the same picture in ComfyUI and in the CLI."""
+    from zimage_core.cli import main as cli_main
+
+    prompt = api(server, "zimage_turbo_t2i.json", seed=777)
+    h = server.run(prompt)
+    assert h["status"]["status_str"] == "success"
+    img = next(i for out in h["outputs"].values() for i in out.get("images", []))
+    png = server.tmp / "comfy_turbo.png"
+    png.write_bytes(server.get(f"/view?filename={img['filename']}&subfolder={img['subfolder']}&type=output"))
+    text = prompt[node_of(prompt, "ZImageTextEncode")]["inputs"]["text"]
+    m = server.models
+    out = server.tmp / "cli_turbo.png"
+    rc = cli_main(["generate", "--transformer", str(m / "diffusion_models" / "z_image_turbo_bf16.safetensors"),
+                   "--text-encoder", str(m / "text_encoders" / "qwen_3_4b.safetensors"),
+                   "--vae", str(m / "vae" / "ae.safetensors"),
+                   "--tokenizer", str(Path(COMFYUI) / "comfy" / "text_encoders" / "qwen25_tokenizer"),
+                   "--prompt", text, "--width", str(W), "--height", str(H), "--steps", "8", "--seed", "777",
+                   "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    comfy = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
+    cli = np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
+    assert cli.std() > 2  # a real picture, not a flat one that any two runs would share
+    assert np.abs(comfy - cli).max() <= 1  # core SaveImage truncates where the CLI rounds
 
 
 def test_cached_rerun_new_seed_and_unload(server):

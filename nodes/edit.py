@@ -20,7 +20,7 @@ import torch
 from . import host, paths
 from ._engine import ZImageError, core
 from .conditioning import caption_features, host_intermediate_device
-from .handles import ZImageTextEncoderHandle
+from .handles import EncoderHandle, ZImageTextEncoderHandle
 from .loaders import WEIGHT_DTYPES, pick_dtype
 
 log = logging.getLogger(__name__)
@@ -72,25 +72,18 @@ def resolve_vision(name: str) -> Path:
         raise ZImageError(f"vision model '{name}' was not found. {vision.SIGLIP_HELP} Then refresh (press 'r').") from None
 
 
-class ZImageVisionHandle:
+class ZImageVisionHandle(EncoderHandle):
     """``ZIMAGE_VISION``: the engine's SigLIP2 VisionEncoder, registered with ComfyUI's memory management."""
 
-    def __init__(self, encoder, name: str, load_device: torch.device, offload_device: torch.device):
-        self.encoder = encoder
-        self.name = name
-        self.load_device = load_device
-        self.patcher = host.register(encoder.model, load_device, offload_device)
+    KIND = "ZImageVision"
 
     @property
     def hidden_size(self) -> int:
         return self.encoder.hidden_size
 
     def encode(self, images) -> list[torch.Tensor]:
-        host.load(self.patcher, self.encoder.model, self.load_device)
+        self._load()
         return self.encoder.encode(images)
-
-    def __repr__(self) -> str:
-        return f"<ZImageVision {self.name}>"
 
 
 class ZImageVisionLoader:
@@ -163,16 +156,8 @@ def _images(*inputs) -> list[torch.Tensor]:
     return out
 
 
-def ready_encoder(handle: ZImageTextEncoderHandle):
-    """The handle's TextEncoder on its compute device (through ComfyUI when registered), bookkeeping in step."""
-    device = host.load(handle.patcher, handle.encoder.model, handle.load_device)
-    if device != handle.encoder.device:
-        handle.encoder.to(device)
-    return handle.encoder
-
-
 def _encode_segments(handle: ZImageTextEncoderHandle, text: str, n: int, max_length: int | None):
-    return core("edit").encode_omni_prompt(ready_encoder(handle), text, n, max_length)
+    return core("edit").encode_omni_prompt(handle.ready(), text, n, max_length)
 
 
 class ZImageEditConditioning:

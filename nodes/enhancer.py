@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import host, paths
 from ._engine import ZImageError, core
-from .edit import hf_folders, ready_encoder
+from .edit import hf_folders
 from .handles import ZImageTextEncoderHandle
 from .loaders import pick_dtype
 
@@ -102,7 +102,7 @@ class ZImagePromptEnhancer:
 
     # ---- models --------------------------------------------------------------------------
     def _tied_lm(self, handle: ZImageTextEncoderHandle):
-        encoder = ready_encoder(handle)
+        encoder = handle.ready()
         if self._tied is not None and self._tied[0]() is encoder:
             return self._tied[1]
         lm = core("enhancer").CausalLM.from_text_encoder(encoder)

@@ -227,14 +227,29 @@ class ZImageModel:
         return f"<ZImageModel {self.name} {str(self.dtype).removeprefix('torch.')}{extra}>"
 
 
-class ZImageTextEncoderHandle:
-    """``ZIMAGE_TEXT_ENCODER``: the engine's TextEncoder, registered with ComfyUI's memory management."""
+class EncoderHandle:
+    """An engine encoder (its ``.model`` a torch module) registered with ComfyUI's memory management."""
+
+    KIND = "Encoder"
 
     def __init__(self, encoder, name: str, load_device: torch.device, offload_device: torch.device):
         self.encoder = encoder
         self.name = name
         self.load_device = load_device
         self.patcher = host.register(encoder.model, load_device, offload_device)
+
+    def _load(self) -> torch.device:
+        """Have ComfyUI place the weights for use (it may evict other models); the device they landed on."""
+        return host.load(self.patcher, self.encoder.model, self.load_device)
+
+    def __repr__(self) -> str:
+        return f"<{self.KIND} {self.name}>"
+
+
+class ZImageTextEncoderHandle(EncoderHandle):
+    """``ZIMAGE_TEXT_ENCODER``: the engine's TextEncoder, registered with ComfyUI's memory management."""
+
+    KIND = "ZImageTextEncoder"
 
     @property
     def hidden_size(self) -> int:
@@ -247,10 +262,11 @@ class ZImageTextEncoderHandle:
         cached = getattr(self.encoder, "cached", None)
         if callable(cached) and cached(texts, max_length):
             return self.encoder.encode_detailed(texts, max_length=max_length)
-        device = host.load(self.patcher, self.encoder.model, self.load_device)
+        return self.ready().encode_detailed(texts, max_length=max_length)
+
+    def ready(self):
+        """The TextEncoder on its compute device (through ComfyUI when registered), bookkeeping in step."""
+        device = self._load()
         if device != self.encoder.device:
             self.encoder.to(device)  # ComfyUI moved the weights: keep the engine's bookkeeping in step
-        return self.encoder.encode_detailed(texts, max_length=max_length)
-
-    def __repr__(self) -> str:
-        return f"<ZImageTextEncoder {self.name}>"
+        return self.encoder

@@ -152,46 +152,18 @@ def server(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 # UI -> API with /object_info, as the front end does
 # ---------------------------------------------------------------------------------------------
-WIDGETS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
-
-
-def _is_widget(spec) -> bool:
-    return isinstance(spec[0], list) or spec[0] in WIDGETS
+def input_types(info: dict, node_type: str) -> dict:
+    """A node's ``INPUT_TYPES()`` as the server reports it in ``/object_info``, in its declared order."""
+    spec = info[node_type]
+    order = spec.get("input_order") or {k: list(v) for k, v in spec["input"].items()}
+    return {section: {name: spec["input"][section][name] for name in names} for section, names in order.items()
+            if section in ("required", "optional")}
 
 
 def to_api(workflow: dict, info: dict) -> dict:
-    links = {lk[0]: lk for lk in workflow["links"]}
-    prompt = {}
-    for node in workflow["nodes"]:
-        if node["type"] in ("Note", "MarkdownNote"):
-            continue
-        spec = info[node["type"]]
-        values, inputs, i = list(node.get("widgets_values") or []), {}, 0
-        order = spec.get("input_order") or {k: list(v) for k, v in spec["input"].items()}
-        for section in ("required", "optional"):
-            for name in order.get(section, []):
-                s = spec["input"][section][name]
-                if not _is_widget(s):
-                    continue
-                opts = s[1] if len(s) > 1 else {}
-                if i >= len(values) and section == "optional":
-                    # a widget added after the workflow was saved: the front end fills in its default
-                    if "default" in opts:
-                        inputs[name] = opts["default"]
-                    continue
-                inputs[name] = values[i]
-                i += 1
-                if s[0] == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
-                    i += 1
-                if opts.get("image_upload"):
-                    i += 1
-        assert i == len(values), f"{node['type']}: {len(values)} widget values for {i} widgets"
-        for inp in node.get("inputs", []):
-            if inp.get("link") is not None:
-                lk = links[inp["link"]]
-                inputs[inp["name"]] = [str(lk[1]), lk[2]]
-        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
-    return prompt
+    from tests.factories.comfy import specs_to_api
+
+    return specs_to_api(workflow, lambda node_type: input_types(info, node_type))
 
 
 def api(server, name: str, **sampler) -> dict:

@@ -244,9 +244,8 @@ def _spec_type(spec) -> str:
     return "COMBO" if isinstance(spec[0], (list, tuple)) else spec[0]
 
 
-def widget_inputs(cls) -> list[tuple[str, tuple]]:
-    """Widget inputs of a node class in front-end order: required then optional, sockets left out."""
-    it = cls.INPUT_TYPES()
+def widget_inputs(it: dict) -> list[tuple[str, tuple]]:
+    """Widget inputs of a node's ``INPUT_TYPES()`` in front-end order: required then optional, sockets left out."""
     out = []
     for section in ("required", "optional"):
         for name, spec in it.get(section, {}).items():
@@ -286,16 +285,23 @@ def _fits(spec, value) -> bool:
 
 
 def ui_to_api(workflow: dict, classes: dict) -> dict:
+    """API prompt for a UI workflow, with the node classes at hand giving each node's inputs."""
+    return specs_to_api(workflow, lambda node_type: classes[node_type].INPUT_TYPES())
+
+
+def specs_to_api(workflow: dict, input_types) -> dict:
+    """API prompt for a UI workflow; ``input_types(node type)`` is that node's ``INPUT_TYPES()`` (from the classes,
+    or from a server's ``/object_info``)."""
     links = {lk[0]: lk for lk in workflow["links"]}
     prompt = {}
     for node in workflow["nodes"]:
         if node["type"] in FRONTEND_ONLY or node.get("mode", 0) in (2, 4):
             continue
-        cls = classes[node["type"]]
+        it = input_types(node["type"])
         values = list(node.get("widgets_values") or [])
         inputs, i = {}, 0
-        optional = set(cls.INPUT_TYPES().get("optional", {}))
-        for name, spec in widget_inputs(cls):
+        optional = set(it.get("optional", {}))
+        for name, spec in widget_inputs(it):
             if i >= len(values):
                 if name in optional:  # a widget added after the workflow was saved: the front end shows its default
                     inputs[name] = _default(spec)

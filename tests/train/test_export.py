@@ -21,16 +21,9 @@ from zimage_core.checkpoints import DiTCheckpoint, load_dit
 from zimage_core.cli import main as zimage
 from zimage_core.lora import apply_loras, load_lora
 
-pytestmark = pytest.mark.skipif(not FIXTURE_TOKENIZER.exists(), reason="../shared/fixtures/qwen25_tokenizer is absent")
+pytestmark = [pytest.mark.skipif(not FIXTURE_TOKENIZER.exists(), reason="../shared/fixtures/qwen25_tokenizer is absent"),
+              pytest.mark.usefixtures("one_thread")]
 CONFIGS = Path(__file__).resolve().parents[2] / "train" / "configs"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -24,15 +24,7 @@ from zimage_core.dit import ZImageDiT
 from zimage_core.errors import ZImageError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "train" / "configs"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from intra-op threads, and on a busy 2-core machine they cost up to 30x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

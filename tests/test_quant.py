@@ -15,6 +15,7 @@ from torch import nn
 from tests.factories.dit import randomize_
 from tests.factories.lora import WRITERS, make_spec
 from tests.factories.pipeline import FIXTURE_TOKENIZER
+from tests.factories.text_encoder import fp8_scaled_state
 from zimage_core.checkpoints import convert_dit, load_dit, native_state_to_layout, save_dit
 from zimage_core.config import DiTConfig, TextEncoderConfig
 from zimage_core.dit import ZImageDiT
@@ -382,12 +383,7 @@ def test_text_encoder_fp8_file_keeps_fp8_linears(tmp_path, te_files):
     from zimage_core.text_encoder import TextEncoder
 
     path, qwen, tok = te_files
-    state = {"model." + k: v for k, v in qwen.state_dict().items()}
-    for k in [k for k in state if k.endswith("proj.weight")]:
-        w = state[k]
-        scale = w.abs().max() / 448.0
-        state[k] = (w / scale).to(torch.float8_e4m3fn)
-        state[k[: -len(".weight")] + ".weight_scale"] = scale.float()
+    state = fp8_scaled_state(qwen)
     save_safetensors(state, tmp_path / "qwen_3_4b_fp8_mixed.safetensors")
     te = TextEncoder.load(tmp_path / "qwen_3_4b_fp8_mixed.safetensors", tokenizer=tok)
     q = te.model.layers[0].self_attn.q_proj

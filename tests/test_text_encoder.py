@@ -12,6 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tests.factories.text_encoder import (  # noqa: E402
+    fp8_scaled_state,
     make_qwen3,
     save_comfy_text_encoder,
     save_diffusers_root,
@@ -231,13 +232,7 @@ def test_diffusers_loads_factory_folder(files, qwen):
 
 @needs_tokenizer
 def test_fp8_scaled_file(tmp_path, qwen, tok):
-    state = {"model." + k: v for k, v in qwen.state_dict().items()}
-    for k in [k for k in state if k.endswith("proj.weight")]:
-        w = state[k]
-        scale = w.abs().max() / 448.0
-        state[k] = (w / scale).to(torch.float8_e4m3fn)
-        state[k[: -len(".weight")] + ".weight_scale"] = scale.float()
-        state[k[: -len(".weight")] + ".comfy_quant"] = torch.tensor(list(b'{"format":"float8_e4m3fn"}'), dtype=torch.uint8)
+    state = fp8_scaled_state(qwen, comfy_quant=True)
     save_safetensors(state, tmp_path / "qwen_3_4b_fp8_mixed.safetensors")
     te = TextEncoder.load(tmp_path / "qwen_3_4b_fp8_mixed.safetensors", tokenizer=tok)
     assert rel_err(te.encode("a cat")[0], reference(qwen, tok, ["a cat"])[0]) < 0.1

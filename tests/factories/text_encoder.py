@@ -95,3 +95,18 @@ def save_comfy_text_encoder(model, file, prefix: str = "", lm_head: bool = True)
         state[prefix + "lm_head.weight"] = model.embed_tokens.weight.detach().clone()
     save_safetensors(state, file)
     return Path(file)
+
+
+def fp8_scaled_state(model, comfy_quant: bool = False) -> dict[str, torch.Tensor]:
+    """The Qwen3 state as ComfyUI's ``qwen_3_4b_fp8_mixed.safetensors`` stores it: every ``*proj.weight`` in
+    float8 e4m3 with a per-tensor ``weight_scale`` (and a ``comfy_quant`` recipe with ``comfy_quant=True``)."""
+    state = _state(model)
+    for k in [k for k in state if k.endswith("proj.weight")]:
+        w = state[k]
+        scale = w.abs().max() / 448.0
+        state[k] = (w / scale).to(torch.float8_e4m3fn)
+        state[k[: -len(".weight")] + ".weight_scale"] = scale.float()
+        if comfy_quant:
+            state[k[: -len(".weight")] + ".comfy_quant"] = torch.tensor(list(b'{"format":"float8_e4m3fn"}'),
+                                                                         dtype=torch.uint8)
+    return state

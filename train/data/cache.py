@@ -255,25 +255,7 @@ class _ShardBuilder:
         self.buckets = make_buckets(cfg.resolution, cfg.aspect_buckets, cfg.max_aspect)
 
     def _bucket(self, ref) -> tuple[int, int]:
-        from PIL import Image, UnidentifiedImageError
-
-        # the size is read from the header only; EXIF orientations 5-8 swap width and height
-        try:
-            if ref.offset is None:
-                im = Image.open(ref.path)
-            else:
-                import io
-
-                with open(ref.path, "rb") as f:
-                    f.seek(ref.offset)
-                    im = Image.open(io.BytesIO(f.read(ref.size)))
-            w, h = im.size
-            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-                w, h = h, w
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-            raise DataError(f"cannot read the image '{ref.where}' ({e}). The file is corrupt or not an image; "
-                            "replace or remove it.") from e
-        return nearest_bucket(w, h, self.buckets)
+        return nearest_bucket(*ref.displayed_size(), self.buckets)
 
     def build(self, idxs: list[int], items: list[Item], new_texts: list[str]) -> tuple[dict, dict]:
         jobs = defaultdict(list)  # bucket -> [(tensor key, image ref, owner)]

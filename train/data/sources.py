@@ -33,26 +33,47 @@ class ImageRef:
     offset: int | None = None
     size: int | None = None
 
+    def _raise(self, e: Exception):
+        raise DataError(
+            f"cannot read the image '{self.where}' ({e}). The file is corrupt or not an image; replace or remove it."
+        ) from e
+
+    def _image(self):
+        """The image opened lazily (PIL reads the header; pixels on ``load()``)."""
+        from PIL import Image
+
+        if self.offset is None:
+            return Image.open(self.path)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"the tar ended after {len(data)} of {self.size} bytes")
+        return Image.open(io.BytesIO(data))
+
+    def displayed_size(self) -> tuple[int, int]:
+        """(width, height) as shown, from the header only: EXIF orientations 5-8 swap the two."""
+        from PIL import UnidentifiedImageError
+
+        try:
+            im = self._image()
+            w, h = im.size
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                w, h = h, w
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+            self._raise(e)
+        return w, h
+
     def open(self):
         """The image as RGB (EXIF orientation applied, transparency composited on white)."""
         from PIL import Image, ImageOps, UnidentifiedImageError
 
         try:
-            if self.offset is None:
-                im = Image.open(self.path)
-            else:
-                with open(self.path, "rb") as f:
-                    f.seek(self.offset)
-                    data = f.read(self.size)
-                if len(data) != self.size:
-                    raise OSError(f"the tar ended after {len(data)} of {self.size} bytes")
-                im = Image.open(io.BytesIO(data))
+            im = self._image()
             im.load()
             im = ImageOps.exif_transpose(im)
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-            raise DataError(
-                f"cannot read the image '{self.where}' ({e}). The file is corrupt or not an image; replace or remove it."
-            ) from e
+            self._raise(e)
         if im.mode == "P" and "transparency" in im.info:
             im = im.convert("RGBA")
         if im.mode in ("RGBA", "LA", "PA"):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import onednn
 from .config import DiTConfig
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -110,11 +111,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rope, mask: torch.Tensor | None) -> torch.Tensor:
         b, s, _ = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, self.head_dim).unbind(2)
+        q, k, v = onednn.linear(self.qkv, x).view(b, s, 3, self.n_heads, self.head_dim).unbind(2)
         q = apply_rope(self.q_norm(q), rope)
         k = apply_rope(self.k_norm(k), rope)
         o = self.attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
-        return self.out(o.transpose(1, 2).reshape(b, s, -1).to(x.dtype))
+        return onednn.linear(self.out, o.transpose(1, 2).reshape(b, s, -1).to(x.dtype))
 
 
 class FeedForward(nn.Module):
@@ -125,7 +126,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return onednn.swiglu(self.w1, self.w2, self.w3, x)
 
 
 class Modulation:

@@ -157,7 +157,8 @@ def test_raw_space_api(vaes, expected):
     vae, e = vaes["bfl"], expected
     raw = vae.encode_raw(e["x"])
     assert rel_err(raw, e["raw"]) <= 1e-5
-    assert rel_err(vae.decode_raw(raw), e["pixels"]) <= 1e-5
+    # decode the reference's latents: decoding our own would compound two fp32 roundings (encode, decode)
+    assert rel_err(vae.decode_raw(e["raw"]), e["pixels"]) <= 1e-5
 
 
 @pytest.mark.parametrize("layout", ["root", "aio"])

@@ -54,6 +54,17 @@ def to_raw_space(z: torch.Tensor, scale: float = VAE_SCALE, shift: float = VAE_S
 # ---------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------
+def _silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU of a fresh tensor (a norm's output), in place when no gradient needs the input kept."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
+def _cpu_layout(x: torch.Tensor) -> torch.Tensor:
+    """Channels-last on the CPU: oneDNN's convolutions run ~15% faster on NHWC activations (same arithmetic
+    order per output, so the same values up to rounding); other devices keep their layout."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" and x.ndim == 4 else x
+
+
 def _norm(groups: int, channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
 
@@ -70,8 +81,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(_silu(self.norm1(x)))
+        h = self.conv2(_silu(self.norm2(h)))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return x + h
@@ -177,7 +188,7 @@ class Encoder(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The low-resolution part (mid block with global attention, conv_out): never tiled."""
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        return self.conv_out(_silu(self.norm_out(self.mid(h))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -206,7 +217,7 @@ class Decoder(nn.Module):
         """The up levels and conv_out, which tiling splits up."""
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(_silu(self.norm_out(h)))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.upsample_path(self.stem(z))
@@ -274,7 +285,7 @@ class FluxVAE(nn.Module):
     def latent_dist(self, x: torch.Tensor, tile: Tile = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and clamped logvar of the posterior, in raw space and the module dtype."""
         self._check_pixels(x)
-        x = x.to(device=self.device, dtype=self.dtype)
+        x = _cpu_layout(x.to(device=self.device, dtype=self.dtype))
         tile_px = resolve_tile(tile, x.shape[-2], x.shape[-1], self.config.downscale)
         with self._no_autocast():
             if tile_px is None:
@@ -305,7 +316,7 @@ class FluxVAE(nn.Module):
         """Raw latents -> pixels in about [-1, 1] (not clamped), float32."""
         self._check_latents(raw)
         f = self.config.downscale
-        raw = raw.to(device=self.device, dtype=self.dtype)
+        raw = _cpu_layout(raw.to(device=self.device, dtype=self.dtype))
         tile_px = resolve_tile(tile, raw.shape[-2] * f, raw.shape[-1] * f, f)
         with self._no_autocast():
             if tile_px is None:

@@ -85,7 +85,7 @@ class CachedData:
         self.manifest = man
         self.samples: list[dict] = man["samples"]
         self.texts: dict[str, str] = man["texts"]
-        self.store = WeightSource([root / s for s in man["shards"]], what="data cache")
+        self.store = WeightSource([root / s for s in man["shards"]], what="data cache", mapped=False)
         self.policy = CaptionPolicy(cfg.caption_levels, cfg.languages, cfg.caption_dropout)
         self.empty = text_hash("")
         self.weights = [float(s.get("weight", 1.0)) for s in cfg.sources]

@@ -60,8 +60,10 @@ def _silu(x: torch.Tensor) -> torch.Tensor:
 
 
 def _cpu_layout(x: torch.Tensor) -> torch.Tensor:
-    """Channels-last on the CPU: oneDNN's convolutions run ~15% faster on NHWC activations (same arithmetic
-    order per output, so the same values up to rounding); other devices keep their layout."""
+    """Channels-last on the CPU: oneDNN's convolutions run ~15% faster on NHWC activations (the same values up
+    to rounding); other devices keep their layout. Used for decoding only: encoding stays NCHW, where oneDNN
+    gives the same latents for an image alone or in a batch (NHWC's last-bit differences are amplified by the
+    GroupNorms on flat-colour images, and a training cache encodes in batches what a test encodes alone)."""
     return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" and x.ndim == 4 else x
 
 
@@ -285,7 +287,7 @@ class FluxVAE(nn.Module):
     def latent_dist(self, x: torch.Tensor, tile: Tile = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and clamped logvar of the posterior, in raw space and the module dtype."""
         self._check_pixels(x)
-        x = _cpu_layout(x.to(device=self.device, dtype=self.dtype))
+        x = x.to(device=self.device, dtype=self.dtype)
         tile_px = resolve_tile(tile, x.shape[-2], x.shape[-1], self.config.downscale)
         with self._no_autocast():
             if tile_px is None:

@@ -161,6 +161,22 @@ def test_raw_space_api(vaes, expected):
     assert rel_err(vae.decode_raw(e["raw"]), e["pixels"]) <= 1e-5
 
 
+def test_decode_parity_through_winograd(monkeypatch, vaes, expected):
+    """The CPU decoder's Winograd convolutions (for >= 256 channels on real VAEs) forced onto the tiny one."""
+    import zimage_core.winograd as wg
+
+    if wg.onednn._op() is None or not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN linear op")
+    calls = []
+    transform = wg.kernel_transform
+    monkeypatch.setattr(wg, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(wg, "kernel_transform", lambda w: calls.append(w.shape) or transform(w))
+    got = vaes["bfl"].decode_raw(expected["raw"])
+    n_up = len(CFG.block_out_channels)
+    assert len(calls) == 2 * 2 + n_up * (CFG.layers_per_block + 1) * 2 + (n_up - 1)  # every resnet and upsample conv
+    assert rel_err(got, expected["pixels"]) <= 1e-5
+
+
 @pytest.mark.parametrize("layout", ["root", "aio"])
 def test_other_layouts_load_the_same_tensors(vaes, layout):
     ours, base = vaes[layout].state_dict(), vaes["bfl"].state_dict()

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import winograd
 from .config import VAE_SCALE, VAE_SHIFT, VAEConfig
 from .errors import CheckpointError, ZImageError
 from .vae_tiling import resolve_tile, tiled_map
@@ -83,11 +84,11 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(_silu(self.norm1(x)))
-        h = self.conv2(_silu(self.norm2(h)))
+        h = winograd.conv3x3(self.conv1, _silu(self.norm1(x)))
+        h = winograd.conv3x3(self.conv2, _silu(self.norm2(h)))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
-        return x + h
+        return h.add_(x) if not torch.is_grad_enabled() else x + h  # h is this block's own fresh tensor
 
 
 class AttnBlock(nn.Module):
@@ -132,7 +133,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return winograd.conv3x3(self.conv, F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Level(nn.Module):

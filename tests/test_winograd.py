@@ -78,3 +78,19 @@ def test_fallback_is_the_module_itself():
     conv, x = conv_and_input(8, 8, 1, 7, 8)  # odd height
     with torch.no_grad():
         assert torch.equal(winograd.conv3x3(conv, x, min_channels=1), conv(x))
+
+
+@pytest.mark.parametrize("n,h,w,band_bytes", [(1, 8, 8, None), (2, 5, 7, 4096), (1, 3, 4, 1)])
+def test_upsample_conv_matches_interpolate_then_conv(monkeypatch, n, h, w, band_bytes):
+    """Nearest x2 read straight into the bands (odd low-res sizes: the upsampled image is always even)."""
+    if band_bytes is not None:
+        monkeypatch.setattr(winograd, "BAND_BYTES", band_bytes)
+    conv, x = conv_and_input(12, 10, n, h, w)
+    with torch.no_grad():
+        up = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        got = winograd.upsample_conv3x3(conv, x, min_channels=1)
+        exact = F.conv2d(up.double(), conv.weight.double(), conv.bias.double(), padding=1)
+        direct = conv(up)
+        assert torch.equal(winograd.upsample_conv3x3(conv, x), direct)  # below MIN_CHANNELS: the plain modules
+    assert got.shape == (n, 10, 2 * h, 2 * w)
+    assert rel_err(got, exact) <= max(2 * rel_err(direct, exact), 1e-6)

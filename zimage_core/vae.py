@@ -133,7 +133,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return winograd.conv3x3(self.conv, F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return winograd.upsample_conv3x3(self.conv, x)
 
 
 class Level(nn.Module):

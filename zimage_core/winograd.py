@@ -24,6 +24,7 @@ compiling. Everything else goes to ``conv(x)``; ``torch.backends.mkldnn.flags(en
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import onednn
@@ -77,11 +78,25 @@ def conv3x3(conv: nn.Module, x: torch.Tensor, min_channels: int | None = None) -
     """``conv(x)``, as a Winograd convolution where :func:`usable`; the output is channels-last."""
     if not usable(conv, x, min_channels):
         return conv(x)
+    return _run(conv, x, upsampled=False)
+
+
+def upsample_conv3x3(conv: nn.Module, x: torch.Tensor, min_channels: int | None = None) -> torch.Tensor:
+    """``conv(nearest_upsample_x2(x))``: the upsampled image is never built where the Winograd path runs
+    (each band reads its rows straight from ``x``), which saves a pass over the largest activation."""
+    if not usable(conv, x, min_channels):  # x's size doubled is always even
+        return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    return _run(conv, x, upsampled=True)
+
+
+def _run(conv: nn.Conv2d, x: torch.Tensor, upsampled: bool) -> torch.Tensor:
     n, c, h, w = x.shape
+    if upsampled:
+        h, w = 2 * h, 2 * w
     co, th, tw = conv.out_channels, h // 2, w // 2
     rb = max(1, min(th, BAND_BYTES // (16 * n * tw * max(c, co) * x.element_size())))
     out = torch.empty((n, co, h, w), dtype=x.dtype, memory_format=torch.channels_last)
-    band = _Band(conv, x.permute(0, 2, 3, 1), out.permute(0, 2, 3, 1), rb)  # NHWC views, both contiguous
+    band = _Band(conv, x.permute(0, 2, 3, 1), out.permute(0, 2, 3, 1), rb, upsampled)  # NHWC views, contiguous
     for a in range(0, th, rb):
         band(a, min(a + rb, th))
     return out
@@ -90,9 +105,9 @@ def conv3x3(conv: nn.Module, x: torch.Tensor, min_channels: int | None = None) -
 class _Band:
     """One convolution's transformed kernel and scratch (reused by every band of tile rows)."""
 
-    def __init__(self, conv: nn.Conv2d, src: torch.Tensor, dst: torch.Tensor, rb: int):
-        n, _, w, c = src.shape
-        self.src, self.dst, self.bias = src, dst, conv.bias
+    def __init__(self, conv: nn.Conv2d, src: torch.Tensor, dst: torch.Tensor, rb: int, upsampled: bool):
+        n, w, c = dst.shape[0], dst.shape[2], src.shape[3]
+        self.src, self.dst, self.bias, self.upsampled = src, dst, conv.bias, upsampled
         self.u = kernel_transform(conv.weight)
         co, tw, f = conv.out_channels, w // 2, src.dtype
         self.pad = torch.empty((n, 2 * rb + 2, w + 2, c), dtype=f)
@@ -101,10 +116,20 @@ class _Band:
         self.r = torch.empty((2, 4, n, rb, tw, co), dtype=f)
         self.op = onednn._op()
 
+    def _rows(self, out: torch.Tensor, lo: int, hi: int) -> None:
+        """Input image rows ``lo..hi-1`` into ``out`` ``[n, hi-lo, w, c]`` (of the upsampled image if so)."""
+        if not self.upsampled:
+            out.copy_(self.src[:, lo:hi])
+            return
+        n, rows, w, c = out.shape
+        low = self.src.index_select(1, torch.arange(lo, hi) // 2)  # [n, rows, w/2, c]: nearest rows
+        out.view(n, rows, w // 2, 2, c).copy_(low.unsqueeze(3).expand(n, rows, w // 2, 2, c))  # nearest columns
+
     def __call__(self, a: int, b: int) -> None:
         """Output tile rows ``a..b-1`` (image rows ``2a..2b-1``)."""
-        src, dst = self.src, self.dst
-        n, h, w, c = src.shape
+        dst = self.dst
+        n, h, w, _ = dst.shape
+        c = self.src.shape[3]
         co, rb, tw = self.u.shape[1], b - a, w // 2
         # the zero-padded input rows 2a-1 .. 2b (inclusive), columns -1 .. w
         r0, r1 = 2 * a - 1, 2 * b + 1
@@ -116,7 +141,7 @@ class _Band:
             pad[:, : lo - r0].zero_()
         if hi < r1:
             pad[:, hi - r0:].zero_()
-        pad[:, lo - r0: hi - r0, 1: w + 1] = src[:, lo:hi]
+        self._rows(pad[:, lo - r0: hi - r0, 1: w + 1], lo, hi)
         s_n, s_h, s_w, _ = pad.stride()
         d = pad.as_strided((n, rb, tw, 4, 4, c), (s_n, 2 * s_h, 2 * s_w, s_h, s_w, 1))  # 4x4 tiles, stride 2
 

@@ -131,7 +131,10 @@ def _png_info(params: dict):
 
 
 def cmd_generate(args) -> int:
+    from .allocator import recycle_large_blocks
     from .pipeline import GenerateOptions, ZImagePipeline
+
+    recycle_large_blocks()  # one job, then exit: freed activations are reused instead of re-faulted
 
     if args.mask and not args.init_image:
         raise ZImageError("--mask needs --init-image (the picture to inpaint).")

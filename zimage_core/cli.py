@@ -131,10 +131,8 @@ def _png_info(params: dict):
 
 
 def cmd_generate(args) -> int:
-    from .allocator import recycle_large_blocks
+    from .oneshot import prepare
     from .pipeline import GenerateOptions, ZImagePipeline
-
-    recycle_large_blocks()  # one job, then exit: freed activations are reused instead of re-faulted
 
     if args.mask and not args.init_image:
         raise ZImageError("--mask needs --init-image (the picture to inpaint).")
@@ -145,6 +143,7 @@ def cmd_generate(args) -> int:
         max_length=args.max_length or None, denoise=args.denoise,
     )
     opts.validate()
+    prepare()  # one job, then exit: recycle freed memory, collect garbage cheaply
     t0 = time.perf_counter()
     loras = _parse_loras(args.lora)
     # One-shot: each component is loaded just before its stage and freed right after (files are checked now).

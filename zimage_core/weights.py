@@ -10,6 +10,10 @@ the text encoder's 150k-token embedding never become resident). Where a tensor i
 a GPU, its mapping is dropped as soon as the converted copy exists. Peak host memory is therefore about
 one copy of the model in its target dtype, never the file plus the model. Writes to a mapped parameter
 (a merged LoRA, a training step) go to private pages and never reach the file.
+
+What a mapping asks in return: while a model loaded this way is in use, its file must not be truncated or
+rewritten in place (replacing it, as every download tool and ``zimage convert`` do, is fine: the mapping keeps
+the old file), and on Windows the file cannot be deleted until the model is freed.
 """
 
 from __future__ import annotations

@@ -49,9 +49,11 @@ def recycle_large_blocks() -> bool:
 
 def settle_imports() -> None:
     """Import what the text-encoding stage imports, free the import's garbage, freeze the rest (see above)."""
-    import transformers.models.qwen3.modeling_qwen3  # noqa: F401 - the text encoder's model classes
-    from transformers import AutoTokenizer  # noqa: F401
-
+    try:
+        import transformers.models.qwen3.modeling_qwen3  # noqa: F401 - the text encoder's model classes
+        from transformers import AutoTokenizer  # noqa: F401
+    except ImportError as e:  # the text encoder's own loading reports it, in one line, when it gets there
+        log.debug("not importing transformers up front: %s", e)
     gc.collect()
     gc.freeze()
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._machine import cpu_name  # noqa: E402
 from tests.factories.pipeline import build_tiny_model  # noqa: E402
 from zimage_core.config import DiTConfig, TextEncoderConfig, VAEConfig  # noqa: E402
 
@@ -74,7 +74,7 @@ def main() -> None:
         "config": f"DiT dim {MID_DIT.dim} x {MID_DIT.n_layers} layers, Qwen3 hidden {MID_TE.hidden_size} x "
                   f"{MID_TE.n_layers} layers, Flux VAE (full size), {args.size}x{args.size}, {args.steps} steps, fp32, "
                   "batch 1, no CFG, random weights",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "zimage_s": z_t, "diffusers_s": d_t, "speedup": d_t / z_t,
         "zimage_peak_mb": z_m, "diffusers_peak_mb": d_m, "rss_ratio": z_m / d_m, "max_pixel_diff": max_diff,
         "rounds": args.rounds,

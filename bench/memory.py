@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench._machine import cpu_name  # noqa: E402
 
 CPU_QUANTS = ("none", "int8", "nf4", "fp8", "Q8_0", "Q4_K")
 GPU_RUNS = ("full/none", "text-encoder-offload/none", "block-swap:20/none", "sequential/none", "block-swap:20/nf4",
@@ -152,7 +153,7 @@ def cpu_main(args) -> dict:
     return {
         "config": f"DiT dim 1536 x 8 layers (+2+2 refiners), {args.size}x{args.size}, {args.steps} steps, bf16 compute, "
                   "batch 1, random weights and caption features (no text encoder, no VAE)",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "rounds": args.rounds, "rows": rows, "runs": runs,
     }
 

@@ -31,10 +31,17 @@ def _op():
         return None
 
 
+def enabled_for(x: torch.Tensor) -> bool:
+    """True when oneDNN may serve inference on ``x`` at all: a CPU fp32/bf16 tensor, oneDNN built and switched
+    on, no autograd, not inside ``torch.compile``."""
+    return x.device.type == "cpu" and x.dtype in _DTYPES and torch.backends.mkldnn.is_available() \
+        and torch._C._get_mkldnn_enabled() and not torch.is_grad_enabled() and not torch.compiler.is_compiling() \
+        and _op() is not None
+
+
 def usable(x: torch.Tensor, *mods: nn.Module) -> bool:
     """True when every module in ``mods`` can run ``x`` through oneDNN as the same computation."""
-    if x.device.type != "cpu" or x.dtype not in _DTYPES or not torch.backends.mkldnn.is_available() \
-            or not torch._C._get_mkldnn_enabled() or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if not enabled_for(x):
         return False
     for m in mods:
         if type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks:
@@ -44,7 +51,7 @@ def usable(x: torch.Tensor, *mods: nn.Module) -> bool:
             return False
         if m.bias is not None and m.bias.dtype != x.dtype:
             return False
-    return _op() is not None
+    return True
 
 
 def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:

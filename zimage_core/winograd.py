@@ -46,7 +46,7 @@ def usable(conv: nn.Module, x: torch.Tensor, min_channels: int | None = None) ->
         return False
     if x.shape[2] % 2 or x.shape[3] % 2 or not x.is_contiguous(memory_format=torch.channels_last):
         return False
-    return onednn.usable(x.new_empty(0, conv.in_channels))  # CPU, no grad, not compiling, oneDNN on
+    return onednn.enabled_for(x)  # CPU, no grad, not compiling, oneDNN on
 
 
 def kernel_transform(weight: torch.Tensor) -> torch.Tensor:

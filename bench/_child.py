@@ -1,6 +1,6 @@
 """One timed generation in a fresh process (so peak RSS is this run's alone); prints one JSON line.
 
-    python bench/_child.py zimage|diffusers MODEL_DIR OUT.png WIDTH HEIGHT STEPS SEED [extra zimage args...]
+python bench/_child.py zimage|diffusers MODEL_DIR OUT.png WIDTH HEIGHT STEPS SEED [extra zimage args...]
 """
 
 from __future__ import annotations
@@ -17,8 +17,28 @@ def main() -> None:
     if engine == "zimage":
         from zimage_core.cli import main as cli
 
-        rc = cli(["generate", "--model", model, "--prompt", PROMPT, "--width", width, "--height", height,
-                  "--steps", steps, "--seed", seed, "--device", "cpu", "--out", out, *extra])
+        rc = cli(
+            [
+                "generate",
+                "--model",
+                model,
+                "--prompt",
+                PROMPT,
+                "--width",
+                width,
+                "--height",
+                height,
+                "--steps",
+                steps,
+                "--seed",
+                seed,
+                "--device",
+                "cpu",
+                "--out",
+                out,
+                *extra,
+            ]
+        )
         if rc:
             raise SystemExit(rc)
     else:
@@ -27,8 +47,14 @@ def main() -> None:
 
         pipe = ZImagePipeline.from_pretrained(model, dtype=torch.float32, local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
-        img = pipe(prompt=PROMPT, height=int(height), width=int(width), num_inference_steps=int(steps),
-                   guidance_scale=0.0, generator=torch.Generator("cpu").manual_seed(int(seed))).images[0]
+        img = pipe(
+            prompt=PROMPT,
+            height=int(height),
+            width=int(width),
+            num_inference_steps=int(steps),
+            guidance_scale=0.0,
+            generator=torch.Generator("cpu").manual_seed(int(seed)),
+        ).images[0]
         img.save(out)
     wall = time.perf_counter() - t0
     peak_mb = peak_rss_mb()

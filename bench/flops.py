@@ -66,8 +66,11 @@ def floor_report(dit_cfg: DiTConfig, vae_cfg: VAEConfig, size: int, steps: int, 
     rate = gflops if gflops is not None else machine_gflops()
     total = steps * step + dec
     return {
-        "dit_step_gflop": step / 1e9, "vae_decode_gflop": dec / 1e9, "total_gflop": total / 1e9,
-        "machine_fp32_gflops": rate, "floor_s": total / 1e9 / rate,
+        "dit_step_gflop": step / 1e9,
+        "vae_decode_gflop": dec / 1e9,
+        "total_gflop": total / 1e9,
+        "machine_fp32_gflops": rate,
+        "floor_s": total / 1e9 / rate,
     }
 
 

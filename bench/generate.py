@@ -28,15 +28,25 @@ from bench._machine import cpu_name  # noqa: E402
 from tests.factories.pipeline import build_tiny_model  # noqa: E402
 from zimage_core.config import DiTConfig, TextEncoderConfig, VAEConfig  # noqa: E402
 
-MID_TE = TextEncoderConfig.tiny(hidden_size=1024, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=128,
-                                intermediate_size=3072)
+MID_TE = TextEncoderConfig.tiny(
+    hidden_size=1024, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=128, intermediate_size=3072
+)
 MID_DIT = DiTConfig.mid(cap_feat_dim=1024, t_mid_dim=1024)
 MID_VAE = VAEConfig.flux()
 
 
 def run(engine: str, model: Path, out: Path, size: int, steps: int, seed: int) -> dict:
-    cmd = [sys.executable, str(ROOT / "bench" / "_child.py"), engine, str(model), str(out), str(size), str(size),
-           str(steps), str(seed)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "_child.py"),
+        engine,
+        str(model),
+        str(out),
+        str(size),
+        str(size),
+        str(steps),
+        str(seed),
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if res.returncode:
@@ -72,11 +82,16 @@ def main() -> None:
     d_m = max(x["peak_rss_mb"] for x in results["diffusers"])
     summary = {
         "config": f"DiT dim {MID_DIT.dim} x {MID_DIT.n_layers} layers, Qwen3 hidden {MID_TE.hidden_size} x "
-                  f"{MID_TE.n_layers} layers, Flux VAE (full size), {args.size}x{args.size}, {args.steps} steps, fp32, "
-                  "batch 1, no CFG, random weights",
+        f"{MID_TE.n_layers} layers, Flux VAE (full size), {args.size}x{args.size}, {args.steps} steps, fp32, "
+        "batch 1, no CFG, random weights",
         "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "zimage_s": z_t, "diffusers_s": d_t, "speedup": d_t / z_t,
-        "zimage_peak_mb": z_m, "diffusers_peak_mb": d_m, "rss_ratio": z_m / d_m, "max_pixel_diff": max_diff,
+        "zimage_s": z_t,
+        "diffusers_s": d_t,
+        "speedup": d_t / z_t,
+        "zimage_peak_mb": z_m,
+        "diffusers_peak_mb": d_m,
+        "rss_ratio": z_m / d_m,
+        "max_pixel_diff": max_diff,
         "rounds": args.rounds,
     }
     print(json.dumps(summary, indent=2))

@@ -42,14 +42,36 @@ SIZE = 64
 
 def make_config(work: Path, data: Path, seed: int, steps: int) -> dict:
     return {
-        "name": "learn", "output_dir": str(work / "run"), "seed": seed, "max_steps": steps, "log_every": 25,
-        "model": {"preset": "tiny", "dims": {"dim": 96, "n_heads": 3, "ffn_dim": 256},
-                  "text_encoder": "random-tiny", "vae": "random-tiny", "encoder_seed": seed},
-        "data": {"sources": [{"type": "folder", "path": str(data)}], "resolution": SIZE, "aspect_buckets": False,
-                 "token_budget": 1024, "max_batch": 64, "caption_levels": {"caption": 1.0}, "caption_dropout": 0.1,
-                 "cache_dir": str(work / "cache")},
-        "optim": {"lr": 2e-3, "weight_decay": 0.0, "warmup_steps": 20, "schedule": "cosine", "min_lr_ratio": 0.05,
-                  "grad_clip": 1.0},
+        "name": "learn",
+        "output_dir": str(work / "run"),
+        "seed": seed,
+        "max_steps": steps,
+        "log_every": 25,
+        "model": {
+            "preset": "tiny",
+            "dims": {"dim": 96, "n_heads": 3, "ffn_dim": 256},
+            "text_encoder": "random-tiny",
+            "vae": "random-tiny",
+            "encoder_seed": seed,
+        },
+        "data": {
+            "sources": [{"type": "folder", "path": str(data)}],
+            "resolution": SIZE,
+            "aspect_buckets": False,
+            "token_budget": 1024,
+            "max_batch": 64,
+            "caption_levels": {"caption": 1.0},
+            "caption_dropout": 0.1,
+            "cache_dir": str(work / "cache"),
+        },
+        "optim": {
+            "lr": 2e-3,
+            "weight_decay": 0.0,
+            "warmup_steps": 20,
+            "schedule": "cosine",
+            "min_lr_ratio": 0.05,
+            "grad_clip": 1.0,
+        },
         "objective": {"timesteps": "logit_normal", "shift": "dynamic"},
         "ema": {"enabled": True, "decay": 0.99},
         "checkpoint": {"every": 0, "keep_last": 1},
@@ -140,26 +162,44 @@ def main(argv: list[str] | None = None) -> int:
         results = {c: classify(generate(dit, te, vae, names, seeds, c, shift), means, names) for c in (1.0, 3.0)}
         t_gen = time.perf_counter() - t1
     window = max(1, steps // 10)
-    curve = [(min(steps, i + window), float(np.mean(losses[i:i + window]))) for i in range(0, steps, window)]
+    curve = [(min(steps, i + window), float(np.mean(losses[i : i + window]))) for i in range(0, steps, window)]
     report = {
-        "accuracy_cfg1": results[1.0]["accuracy"], "accuracy_cfg3": results[3.0]["accuracy"],
-        "confusion_cfg1": results[1.0]["confusion"], "confusion_cfg3": results[3.0]["confusion"],
-        "classes": names, "generations_per_class": args.seeds, "sampler": "euler", "steps": 8, "shift": shift,
-        "train_steps": steps, "train_seconds": round(t_train, 1), "sec_per_step": round(t_train / steps, 3),
-        "batch": 64, "image": f"{SIZE}x{SIZE}", "dit_params": sum(p.numel() for p in dit.parameters()),
-        "loss_first10": float(np.mean(losses[:10])), "loss_last10": float(np.mean(losses[-10:])),
-        "loss_curve": curve, "train_latents_self_accuracy": sanity, "generate_seconds": round(t_gen, 1),
-        "total_seconds": round(time.perf_counter() - t_start, 1), "threads": args.threads,
+        "accuracy_cfg1": results[1.0]["accuracy"],
+        "accuracy_cfg3": results[3.0]["accuracy"],
+        "confusion_cfg1": results[1.0]["confusion"],
+        "confusion_cfg3": results[3.0]["confusion"],
+        "classes": names,
+        "generations_per_class": args.seeds,
+        "sampler": "euler",
+        "steps": 8,
+        "shift": shift,
+        "train_steps": steps,
+        "train_seconds": round(t_train, 1),
+        "sec_per_step": round(t_train / steps, 3),
+        "batch": 64,
+        "image": f"{SIZE}x{SIZE}",
+        "dit_params": sum(p.numel() for p in dit.parameters()),
+        "loss_first10": float(np.mean(losses[:10])),
+        "loss_last10": float(np.mean(losses[-10:])),
+        "loss_curve": curve,
+        "train_latents_self_accuracy": sanity,
+        "generate_seconds": round(t_gen, 1),
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+        "threads": args.threads,
         "torch": torch.__version__,
     }
     Path(args.json).write_text(json.dumps(report, indent=2))
-    print(f"trained {steps} steps in {t_train:.0f}s ({t_train / steps:.3f} s/step, batch 64, {report['dit_params']:,} params)")
+    print(
+        f"trained {steps} steps in {t_train:.0f}s ({t_train / steps:.3f} s/step, batch 64, {report['dit_params']:,} params)"
+    )
     print("loss curve (step: mean loss over the preceding window):")
     print("  " + ", ".join(f"{s}: {v:.3f}" for s, v in curve))
     print(f"nearest-class-mean accuracy of the training latents themselves: {sanity:.0%}")
     for c in (1.0, 3.0):
-        print(f"generated ({args.seeds} seeds x 4 captions, 8 Euler steps, cfg {c:g}): accuracy "
-              f"{results[c]['accuracy']:.1%} (chance 25%)  confusion {results[c]['confusion']}")
+        print(
+            f"generated ({args.seeds} seeds x 4 captions, 8 Euler steps, cfg {c:g}): accuracy "
+            f"{results[c]['accuracy']:.1%} (chance 25%)  confusion {results[c]['confusion']}"
+        )
     print(f"total {report['total_seconds']:.0f}s; results in {args.json}")
     return 0
 

@@ -37,8 +37,16 @@ sys.path.insert(0, str(ROOT))
 from bench._machine import cpu_name  # noqa: E402
 
 CPU_QUANTS = ("none", "int8", "nf4", "fp8", "Q8_0", "Q4_K")
-GPU_RUNS = ("full/none", "text-encoder-offload/none", "block-swap:20/none", "sequential/none", "block-swap:20/nf4",
-            "full/fp8", "diffusers-offload", "diffusers-group-offload")
+GPU_RUNS = (
+    "full/none",
+    "text-encoder-offload/none",
+    "block-swap:20/none",
+    "sequential/none",
+    "block-swap:20/nf4",
+    "full/fp8",
+    "diffusers-offload",
+    "diffusers-group-offload",
+)
 FLOOR_S = 0.57  # compute floor of one 8-step 1024x1024 image at 790 TFLOP/s (reference document, section 5.2)
 PROMPT = "a watercolor painting of a red fox sitting in fresh snow, soft morning light, pine trees behind"
 
@@ -97,12 +105,24 @@ def cpu_child(args) -> None:
         x = get_sampler("euler")(Denoiser(dit, caption, None, (h, w)), x, sigmas)
     t_sample = time.perf_counter() - t0
     quant_b, other_b = storage_bytes(dit)
-    print(json.dumps({
-        "quant": args.quant, "file_mb": Path(args.file).stat().st_size / 2**20, "baseline_mb": baseline,
-        "load_s": t_load, "load_peak_mb": load_peak, "after_load_mb": after_load, "sample_s": t_sample,
-        "sample_peak_mb": status_mb("VmHWM"), "weights_mb": (quant_b + other_b) / 2**20,
-        "finite": bool(torch.isfinite(x).all()), "peak_reset": resettable, "describe": describe(dit),
-    }))
+    print(
+        json.dumps(
+            {
+                "quant": args.quant,
+                "file_mb": Path(args.file).stat().st_size / 2**20,
+                "baseline_mb": baseline,
+                "load_s": t_load,
+                "load_peak_mb": load_peak,
+                "after_load_mb": after_load,
+                "sample_s": t_sample,
+                "sample_peak_mb": status_mb("VmHWM"),
+                "weights_mb": (quant_b + other_b) / 2**20,
+                "finite": bool(torch.isfinite(x).all()),
+                "peak_reset": resettable,
+                "describe": describe(dit),
+            }
+        )
+    )
 
 
 def build_cpu_files(folder: Path, quants) -> dict[str, Path]:
@@ -134,10 +154,22 @@ def cpu_main(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         files = build_cpu_files(Path(tmp), quants)
         for r in range(args.rounds):
-            for q in (quants if r % 2 == 0 else quants[::-1]):
+            for q in quants if r % 2 == 0 else quants[::-1]:
                 f = files[q] if q.startswith("Q") else files["bf16"]
-                cmd = [sys.executable, __file__, "--child", "cpu", "--file", str(f), "--quant", q,
-                       "--size", str(args.size), "--steps", str(args.steps)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    "cpu",
+                    "--file",
+                    str(f),
+                    "--quant",
+                    q,
+                    "--size",
+                    str(args.size),
+                    "--steps",
+                    str(args.steps),
+                ]
                 res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
                 if res.returncode:
                     raise SystemExit(f"{q} failed:\n{res.stderr[-3000:]}")
@@ -152,29 +184,38 @@ def cpu_main(args) -> dict:
         row["sample_vs_bf16"] = row["sample_s"] / base["sample_s"]
     return {
         "config": f"DiT dim 1536 x 8 layers (+2+2 refiners), {args.size}x{args.size}, {args.steps} steps, bf16 compute, "
-                  "batch 1, random weights and caption features (no text encoder, no VAE)",
+        "batch 1, random weights and caption features (no text encoder, no VAE)",
         "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "rounds": args.rounds, "rows": rows, "runs": runs,
+        "rounds": args.rounds,
+        "rows": rows,
+        "runs": runs,
     }
 
 
 def summarise(q: str, runs: list[dict]) -> dict:
     med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
     return {
-        "quant": q, "file_mb": runs[0]["file_mb"], "weights_mb": runs[0]["weights_mb"], "load_s": med("load_s"),
+        "quant": q,
+        "file_mb": runs[0]["file_mb"],
+        "weights_mb": runs[0]["weights_mb"],
+        "load_s": med("load_s"),
         "load_above_mb": med("load_peak_mb") - med("baseline_mb"),
         "load_vs_file": (med("load_peak_mb") - med("baseline_mb")) / runs[0]["file_mb"],
         "resident_mb": med("after_load_mb") - med("baseline_mb"),
         "peak_mb": max(max(r["load_peak_mb"], r["sample_peak_mb"]) for r in runs),
         "peak_above_mb": max(max(r["load_peak_mb"], r["sample_peak_mb"]) - r["baseline_mb"] for r in runs),
-        "baseline_mb": med("baseline_mb"), "sample_s": med("sample_s"), "describe": runs[0]["describe"],
+        "baseline_mb": med("baseline_mb"),
+        "sample_s": med("sample_s"),
+        "describe": runs[0]["describe"],
         "finite": all(r["finite"] for r in runs),
     }
 
 
 def cpu_table(s: dict) -> str:
     lines = [
-        f"- Config: {s['config']}", f"- Machine: {s['machine']}", "",
+        f"- Config: {s['config']}",
+        f"- Machine: {s['machine']}",
+        "",
         "| quant | file (MB) | load peak - baseline (MB) | load peak / file | resident DiT (MB) | vs bf16 "
         "| process peak (MB) | peak - baseline (MB) | vs bf16 | sampling (s) | vs bf16 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -185,8 +226,11 @@ def cpu_table(s: dict) -> str:
             f"| {r['load_vs_file']:.2f}x | {r['resident_mb']:.0f} | {r['resident_vs_bf16']:.2f}x | {r['peak_mb']:.0f} "
             f"| {r['peak_above_mb']:.0f} | {r['peak_above_vs_bf16']:.2f}x | {r['sample_s']:.1f} | {r['sample_vs_bf16']:.2f}x |"
         )
-    lines += ["", f"Baseline (imports, no model): {s['rows'][0]['baseline_mb']:.0f} MB. Targets: resident nf4 <= 0.35x "
-              "and int8 <= 0.55x of bf16; load peak <= 1.15x the file."]
+    lines += [
+        "",
+        f"Baseline (imports, no model): {s['rows'][0]['baseline_mb']:.0f} MB. Targets: resident nf4 <= 0.35x "
+        "and int8 <= 0.55x of bf16; load peak <= 1.15x the file.",
+    ]
     return "\n".join(lines)
 
 
@@ -224,7 +268,9 @@ def build_gpu_model(root: Path, tokenizer: Path) -> Path:
     if (root / "model_index.json").exists():
         return root
     if not (tokenizer / "tokenizer_config.json").exists():
-        raise SystemExit(f"no Qwen tokenizer in '{tokenizer}'; pass --tokenizer DIR (the shared qwen25_tokenizer fixture).")
+        raise SystemExit(
+            f"no Qwen tokenizer in '{tokenizer}'; pass --tokenizer DIR (the shared qwen25_tokenizer fixture)."
+        )
     kw = config_to_diffusers(DiTConfig.turbo())
     kw.pop("_class_name")
     kw.pop("siglip_feat_dim")
@@ -239,8 +285,9 @@ def build_gpu_model(root: Path, tokenizer: Path) -> Path:
     tok = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
     tok.chat_template = QWEN3_USER_TEMPLATE
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
-    pipe = ZImagePipeline(scheduler=sched, vae=make_diffusers_vae(VAEConfig.flux(), 2), text_encoder=te,
-                          tokenizer=tok, transformer=dit)
+    pipe = ZImagePipeline(
+        scheduler=sched, vae=make_diffusers_vae(VAEConfig.flux(), 2), text_encoder=te, tokenizer=tok, transformer=dit
+    )
     pipe.save_pretrained(root, safe_serialization=True)
     return root
 
@@ -265,10 +312,21 @@ def gpu_child(args) -> None:
             from diffusers.hooks import apply_group_offloading
 
             cuda, cpu = torch.device("cuda"), torch.device("cpu")
-            pipe.transformer.enable_group_offload(onload_device=cuda, offload_device=cpu, offload_type="block_level",
-                                                  num_blocks_per_group=1, use_stream=True)
-            apply_group_offloading(pipe.text_encoder, onload_device=cuda, offload_device=cpu,
-                                   offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+            pipe.transformer.enable_group_offload(
+                onload_device=cuda,
+                offload_device=cpu,
+                offload_type="block_level",
+                num_blocks_per_group=1,
+                use_stream=True,
+            )
+            apply_group_offloading(
+                pipe.text_encoder,
+                onload_device=cuda,
+                offload_device=cpu,
+                offload_type="block_level",
+                num_blocks_per_group=1,
+                use_stream=True,
+            )
             pipe.vae.enable_group_offload(onload_device=cuda, offload_device=cpu, offload_type="leaf_level")
 
         def generate():
@@ -277,16 +335,25 @@ def gpu_child(args) -> None:
                 step_times.append(time.perf_counter())
                 return kw
 
-            pipe(prompt=PROMPT, height=1024, width=1024, num_inference_steps=8, guidance_scale=0.0,
-                 generator=torch.Generator("cpu").manual_seed(0), callback_on_step_end=on_step)
+            pipe(
+                prompt=PROMPT,
+                height=1024,
+                width=1024,
+                num_inference_steps=8,
+                guidance_scale=0.0,
+                generator=torch.Generator("cpu").manual_seed(0),
+                callback_on_step_end=on_step,
+            )
     else:
         from zimage_core.pipeline import GenerateOptions, ZImagePipeline
 
         mode, _, quant = run.partition("/")
         params = inspect.signature(ZImagePipeline.load).parameters
         if "memory" not in params or "quant" not in params:
-            raise SystemExit("ZImagePipeline.load has no memory=/quant= arguments yet (issue 4 wiring); "
-                             "update zimage_core.pipeline before running the GPU benchmark.")
+            raise SystemExit(
+                "ZImagePipeline.load has no memory=/quant= arguments yet (issue 4 wiring); "
+                "update zimage_core.pipeline before running the GPU benchmark."
+            )
         pipe = ZImagePipeline.load(root, device="cuda", dtype="bf16", memory=mode, quant=quant or "none")
         opts = GenerateOptions(prompt=PROMPT, width=1024, height=1024, steps=8, seed=0)
 
@@ -308,10 +375,19 @@ def gpu_child(args) -> None:
         if i:  # the first generation warms up (allocator, cuDNN autotuning, compilation)
             timings.append(time.perf_counter() - t0)
             steps.append(statistics.median(b - a for a, b in zip(step_times, step_times[1:])))
-    print(json.dumps({"run": run, "load_s": t_load, "latency_s": statistics.median(timings),
-                      "dit_step_s": statistics.median(steps), "max_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,
-                      "max_reserved_gb": torch.cuda.max_memory_reserved() / 1e9,
-                      "device": torch.cuda.get_device_name()}))
+    print(
+        json.dumps(
+            {
+                "run": run,
+                "load_s": t_load,
+                "latency_s": statistics.median(timings),
+                "dit_step_s": statistics.median(steps),
+                "max_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,
+                "max_reserved_gb": torch.cuda.max_memory_reserved() / 1e9,
+                "device": torch.cuda.get_device_name(),
+            }
+        )
+    )
 
 
 def gpu_main(args) -> dict:
@@ -325,11 +401,23 @@ def gpu_main(args) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
     results = []
     for run in [r.strip() for r in args.runs.split(",") if r.strip()]:
-        cmd = [sys.executable, __file__, "--child", "gpu", "--file", str(root), "--run", run,
-               "--repeats", str(args.repeats)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            "gpu",
+            "--file",
+            str(root),
+            "--run",
+            run,
+            "--repeats",
+            str(args.repeats),
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if res.returncode:
-            results.append({"run": run, "error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"})
+            results.append(
+                {"run": run, "error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"}
+            )
         else:
             results.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
@@ -338,20 +426,26 @@ def gpu_main(args) -> dict:
         if "latency_s" in r:
             r["vs_full"] = r["latency_s"] / full["latency_s"] if full else None
             r["dit_vs_floor"] = r["dit_step_s"] * 8 / FLOOR_S
-    return {"config": "random Z-Image-Turbo (6.15B DiT, Qwen3-4B, Flux VAE), 1024x1024, 8 steps, batch 1, bf16",
-            "results": results}
+    return {
+        "config": "random Z-Image-Turbo (6.15B DiT, Qwen3-4B, Flux VAE), 1024x1024, 8 steps, batch 1, bf16",
+        "results": results,
+    }
 
 
 def gpu_table(s: dict) -> str:
-    lines = ["| run | latency (s) | DiT 8 steps (s) | vs compute floor | vs full | max allocated (GB) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| run | latency (s) | DiT 8 steps (s) | vs compute floor | vs full | max allocated (GB) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in s["results"]:
         if "error" in r:
             lines.append(f"| {r['run']} | failed: {r['error']} | | | | |")
             continue
         vs_full = f"{r['vs_full']:.2f}x" if r.get("vs_full") else "-"
-        lines.append(f"| {r['run']} | {r['latency_s']:.2f} | {r['dit_step_s'] * 8:.2f} | {r['dit_vs_floor']:.2f}x "
-                     f"| {vs_full} | {r['max_allocated_gb']:.2f} |")
+        lines.append(
+            f"| {r['run']} | {r['latency_s']:.2f} | {r['dit_step_s'] * 8:.2f} | {r['dit_vs_floor']:.2f}x "
+            f"| {vs_full} | {r['max_allocated_gb']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -365,8 +459,11 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true", help="the GPU part instead of the CPU part")
     ap.add_argument("--workdir", default=tempfile.gettempdir() + "/zimage-bench", help="GPU: where the 6B files live")
     ap.add_argument("--build-only", action="store_true", help="GPU: build the random full-size files and stop")
-    ap.add_argument("--tokenizer", default=str(ROOT.parent / "shared/fixtures/qwen25_tokenizer"),
-                    help="GPU: a Qwen tokenizer folder for the random model")
+    ap.add_argument(
+        "--tokenizer",
+        default=str(ROOT.parent / "shared/fixtures/qwen25_tokenizer"),
+        help="GPU: a Qwen tokenizer folder for the random model",
+    )
     ap.add_argument("--runs", default=",".join(GPU_RUNS), help="GPU: MODE/QUANT or diffusers-offload, ...")
     ap.add_argument("--repeats", type=int, default=2, help="GPU: timed generations after the warm-up")
     ap.add_argument("--child", choices=["cpu", "gpu"], help=argparse.SUPPRESS)

@@ -38,21 +38,39 @@ class ZImageTextEncode:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "text_encoder": ("ZIMAGE_TEXT_ENCODER", {"tooltip": "The text encoder from Z-Image Text Encoder Loader."}),
-                "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
-                                    "tooltip": "The prompt. Z-Image understands long, detailed descriptions "
-                                               "(English or Chinese)."}),
-                "max_length": ("INT", {"default": DEFAULT_MAX_LENGTH, "min": 0, "max": 32768, "step": 1,
-                                       "tooltip": "Token limit including the chat template (512 as in the reference "
-                                                  "pipeline and the zimage CLI); 0 = no limit, as native ComfyUI."}),
+                "text_encoder": (
+                    "ZIMAGE_TEXT_ENCODER",
+                    {"tooltip": "The text encoder from Z-Image Text Encoder Loader."},
+                ),
+                "text": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "dynamicPrompts": True,
+                        "tooltip": "The prompt. Z-Image understands long, detailed descriptions (English or Chinese).",
+                    },
+                ),
+                "max_length": (
+                    "INT",
+                    {
+                        "default": DEFAULT_MAX_LENGTH,
+                        "min": 0,
+                        "max": 32768,
+                        "step": 1,
+                        "tooltip": "Token limit including the chat template (512 as in the reference "
+                        "pipeline and the zimage CLI); 0 = no limit, as native ComfyUI.",
+                    },
+                ),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def encode(self, text_encoder, text, max_length=DEFAULT_MAX_LENGTH, unique_id=None):
         if not isinstance(text_encoder, ZImageTextEncoderHandle):
-            raise ZImageError(f"the text_encoder input is {type(text_encoder).__name__}, not a Z-Image text encoder; "
-                              "connect Z-Image Text Encoder Loader to it.")
+            raise ZImageError(
+                f"the text_encoder input is {type(text_encoder).__name__}, not a Z-Image text encoder; "
+                "connect Z-Image Text Encoder Loader to it."
+            )
         if not isinstance(text, str):
             raise ZImageError(f"text must be a string, got {type(text).__name__}.")
         if not isinstance(max_length, int) or max_length < 0:
@@ -63,8 +81,10 @@ class ZImageTextEncode:
         mask = torch.ones((1, cond.shape[1]), dtype=torch.long, device=cond.device)
         n, cut = result.n_tokens[0], result.n_cut[0]
         if cut:
-            msg = (f"Prompt cut: {n + cut} tokens (with the template) is over max_length {max_length}; the last {cut} "
-                   f"tokens were dropped. Shorten the prompt or raise max_length (0 = no limit).")
+            msg = (
+                f"Prompt cut: {n + cut} tokens (with the template) is over max_length {max_length}; the last {cut} "
+                f"tokens were dropped. Shorten the prompt or raise max_length (0 = no limit)."
+            )
             log.warning("Z-Image Text Encode: %s", msg)
             host.send_text(unique_id, msg)
         else:
@@ -81,8 +101,18 @@ def host_intermediate_device() -> torch.device:
 # ---------------------------------------------------------------------------------------------
 # CONDITIONING -> per-sample caption features
 # ---------------------------------------------------------------------------------------------
-IGNORED_KEYS = ("area", "mask", "strength", "set_area_to_bounds", "mask_strength", "control", "gligen", "hooks",
-                "start_percent", "end_percent")
+IGNORED_KEYS = (
+    "area",
+    "mask",
+    "strength",
+    "set_area_to_bounds",
+    "mask_strength",
+    "control",
+    "gligen",
+    "hooks",
+    "start_percent",
+    "end_percent",
+)
 
 
 def caption_features(conditioning, which: str, batch: int, feat_dim: int) -> list[torch.Tensor]:
@@ -115,8 +145,10 @@ def caption_features(conditioning, which: str, batch: int, feat_dim: int) -> lis
         host.warn_once(f"ignored-{'-'.join(used)}", "Z-Image sampler ignores conditioning options %s.", used)
     n = cond.shape[0]
     if n not in (1, batch):
-        raise ZImageError(f"the {which} conditioning holds {n} prompts for a batch of {batch} latents; "
-                          "give one prompt, or one per latent.")
+        raise ZImageError(
+            f"the {which} conditioning holds {n} prompts for a batch of {batch} latents; "
+            "give one prompt, or one per latent."
+        )
     mask = opts.get("attention_mask")
     feats = []
     for i in range(batch):

@@ -56,8 +56,9 @@ def vision_folders() -> dict[str, Path]:
 
 def vision_choices() -> list[str]:
     folders = vision_folders()
-    files = [f for f in paths.list_models(VISION_KIND)
-             if not any(f.replace("\\", "/").startswith(d + "/") for d in folders)]
+    files = [
+        f for f in paths.list_models(VISION_KIND) if not any(f.replace("\\", "/").startswith(d + "/") for d in folders)
+    ]
     return sorted(folders) + sorted(dict.fromkeys(files))
 
 
@@ -69,7 +70,9 @@ def resolve_vision(name: str) -> Path:
     try:
         return paths.resolve(VISION_KIND, name)
     except ZImageError:
-        raise ZImageError(f"vision model '{name}' was not found. {vision.SIGLIP_HELP} Then refresh (press 'r').") from None
+        raise ZImageError(
+            f"vision model '{name}' was not found. {vision.SIGLIP_HELP} Then refresh (press 'r')."
+        ) from None
 
 
 class ZImageVisionHandle(EncoderHandle):
@@ -102,12 +105,20 @@ class ZImageVisionLoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "vision_name": (vision_choices(), {
-                    "tooltip": "SigLIP2 so400m NaFlex in ComfyUI/models/clip_vision: the folder "
-                               "siglip2-so400m-patch16-naflex (as downloaded from Hugging Face) or a safetensors file."}),
-                "weight_dtype": (WEIGHT_DTYPES, {
-                    "default": "auto",
-                    "tooltip": "Precision of the vision encoder. auto: bf16 on a GPU that supports it, fp32 otherwise."}),
+                "vision_name": (
+                    vision_choices(),
+                    {
+                        "tooltip": "SigLIP2 so400m NaFlex in ComfyUI/models/clip_vision: the folder "
+                        "siglip2-so400m-patch16-naflex (as downloaded from Hugging Face) or a safetensors file."
+                    },
+                ),
+                "weight_dtype": (
+                    WEIGHT_DTYPES,
+                    {
+                        "default": "auto",
+                        "tooltip": "Precision of the vision encoder. auto: bf16 on a GPU that supports it, fp32 otherwise.",
+                    },
+                ),
             }
         }
 
@@ -179,45 +190,88 @@ class ZImageEditConditioning:
 
     @classmethod
     def INPUT_TYPES(cls):
-        image_tip = ("A reference image. Larger than 1024x1024 pixels (area) it is scaled down to that area; then it "
-                     "is center-cropped to width and height multiples of 16 (at most 15 pixels cut per side) before "
-                     "VAE encoding. Every image of a batch becomes its own reference.")
+        image_tip = (
+            "A reference image. Larger than 1024x1024 pixels (area) it is scaled down to that area; then it "
+            "is center-cropped to width and height multiples of 16 (at most 15 pixels cut per side) before "
+            "VAE encoding. Every image of a batch becomes its own reference."
+        )
         return {
             "required": {
-                "text_encoder": ("ZIMAGE_TEXT_ENCODER", {"tooltip": "The text encoder from Z-Image Text Encoder "
-                                                                    "Loader."}),
+                "text_encoder": (
+                    "ZIMAGE_TEXT_ENCODER",
+                    {"tooltip": "The text encoder from Z-Image Text Encoder Loader."},
+                ),
                 "vae": ("VAE", {"tooltip": "The Flux VAE (ae.safetensors from Load VAE) that encodes the references."}),
                 "image1": ("IMAGE", {"tooltip": image_tip}),
-                "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
-                                    "tooltip": "The instruction, e.g. 'make it night, keep the person unchanged', or "
-                                               "a description of the picture to make from the references."}),
-                "negative_text": ("STRING", {"multiline": True, "default": "",
-                                             "tooltip": "What to avoid, encoded with the same references for the "
-                                                        "negative output (the reference pipeline uses empty text)."}),
-                "max_length": ("INT", {"default": MAX_LENGTH, "min": 0, "max": 32768, "step": 1,
-                                       "tooltip": "Token limit per caption segment (512 as in the reference "
-                                                  "pipeline); 0 = no limit."}),
+                "text": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "dynamicPrompts": True,
+                        "tooltip": "The instruction, e.g. 'make it night, keep the person unchanged', or "
+                        "a description of the picture to make from the references.",
+                    },
+                ),
+                "negative_text": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "tooltip": "What to avoid, encoded with the same references for the "
+                        "negative output (the reference pipeline uses empty text).",
+                    },
+                ),
+                "max_length": (
+                    "INT",
+                    {
+                        "default": MAX_LENGTH,
+                        "min": 0,
+                        "max": 32768,
+                        "step": 1,
+                        "tooltip": "Token limit per caption segment (512 as in the reference pipeline); 0 = no limit.",
+                    },
+                ),
             },
             "optional": {
-                "vision": ("ZIMAGE_VISION", {"tooltip": "SigLIP2 from Z-Image Vision Loader. Without it the model "
-                                                        "sees the references through the VAE only, as native "
-                                                        "ComfyUI does when no image encoder is connected."}),
+                "vision": (
+                    "ZIMAGE_VISION",
+                    {
+                        "tooltip": "SigLIP2 from Z-Image Vision Loader. Without it the model "
+                        "sees the references through the VAE only, as native "
+                        "ComfyUI does when no image encoder is connected."
+                    },
+                ),
                 "image2": ("IMAGE", {"tooltip": image_tip}),
                 "image3": ("IMAGE", {"tooltip": image_tip}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def encode(self, text_encoder, vae, image1, text, negative_text="", max_length=MAX_LENGTH, vision=None,
-               image2=None, image3=None, unique_id=None):
+    def encode(
+        self,
+        text_encoder,
+        vae,
+        image1,
+        text,
+        negative_text="",
+        max_length=MAX_LENGTH,
+        vision=None,
+        image2=None,
+        image3=None,
+        unique_id=None,
+    ):
         if not isinstance(text_encoder, ZImageTextEncoderHandle):
-            raise ZImageError(f"the text_encoder input is {type(text_encoder).__name__}, not a Z-Image text encoder; "
-                              "connect Z-Image Text Encoder Loader to it.")
+            raise ZImageError(
+                f"the text_encoder input is {type(text_encoder).__name__}, not a Z-Image text encoder; "
+                "connect Z-Image Text Encoder Loader to it."
+            )
         if vae is None or not hasattr(vae, "encode"):
             raise ZImageError("the vae input is not a VAE; connect Load VAE with ae.safetensors to it.")
         if vision is not None and not isinstance(vision, ZImageVisionHandle):
-            raise ZImageError(f"the vision input is {type(vision).__name__}, not a Z-Image vision encoder; connect "
-                              "Z-Image Vision Loader to it.")
+            raise ZImageError(
+                f"the vision input is {type(vision).__name__}, not a Z-Image vision encoder; connect "
+                "Z-Image Vision Loader to it."
+            )
         if not isinstance(text, str) or not isinstance(negative_text, str):
             raise ZImageError("text and negative_text must be strings.")
         if not isinstance(max_length, int) or max_length < 0:
@@ -232,8 +286,10 @@ class ZImageEditConditioning:
         for _, cropped in prepared:
             raw = vae.encode(cropped[None])
             if not torch.is_tensor(raw) or raw.ndim != 4 or raw.shape[1] != 16:
-                raise ZImageError(f"the VAE returned latents of shape {tuple(getattr(raw, 'shape', ()))}; Z-Image "
-                                  "needs the 16-channel Flux VAE (ae.safetensors).")
+                raise ZImageError(
+                    f"the VAE returned latents of shape {tuple(getattr(raw, 'shape', ()))}; Z-Image "
+                    "needs the 16-channel Flux VAE (ae.safetensors)."
+                )
             refs.append(raw.to(inter, torch.float32))
         outputs = None
         if vision is not None:
@@ -257,7 +313,7 @@ class ZImageEditConditioning:
             "pooled_output": None,
             "attention_mask": torch.ones((1, main.shape[1]), dtype=torch.long, device=device),
             "reference_latents": list(refs),
-            "reference_latents_text_embeds": rows[:n] + rows[n + 1:],
+            "reference_latents_text_embeds": rows[:n] + rows[n + 1 :],
         }
         if outputs:
             opts["clip_vision_outputs"] = list(outputs)
@@ -298,13 +354,17 @@ def _grid(out, i: int, batch: int) -> torch.Tensor:
 
     hidden, sizes = field("last_hidden_state"), field("image_sizes")
     if not torch.is_tensor(hidden) or hidden.ndim != 3 or not sizes:
-        raise ZImageError("a clip_vision_outputs entry lacks last_hidden_state/image_sizes; use Z-Image Vision Loader "
-                          "with Z-Image Edit Conditioning (or a SigLIP2 NaFlex CLIP vision model).")
+        raise ZImageError(
+            "a clip_vision_outputs entry lacks last_hidden_state/image_sizes; use Z-Image Vision Loader "
+            "with Z-Image Edit Conditioning (or a SigLIP2 NaFlex CLIP vision model)."
+        )
     h, w = int(sizes[0][-2]) // GRID_UNIT, int(sizes[0][-1]) // GRID_UNIT
     row = _row(hidden, i, batch, "SigLIP feature")
     if h * w != row.shape[0]:
-        raise ZImageError(f"SigLIP features hold {row.shape[0]} tokens, but their image size gives a {h}x{w} grid; "
-                          "the vision model is not SigLIP2 NaFlex.")
+        raise ZImageError(
+            f"SigLIP features hold {row.shape[0]} tokens, but their image size gives a {h}x{w} grid; "
+            "the vision model is not SigLIP2 NaFlex."
+        )
     return row.reshape(h, w, -1).float()
 
 
@@ -330,20 +390,28 @@ def edit_conditions(conditioning, which: str, batch: int, config) -> list:
         outputs = [u.get("clip_vision_output") for u in opts.get("unclip_conditioning") or [] if isinstance(u, dict)]
     outputs = [o for o in outputs if o is not None]
     if outputs and not config.is_omni:
-        host.warn_once("siglip-ignored", "Z-Image: this model has no SigLIP branch (not Omni/Edit); the reference "
-                                         "images' SigLIP features are ignored.")
+        host.warn_once(
+            "siglip-ignored",
+            "Z-Image: this model has no SigLIP branch (not Omni/Edit); the reference "
+            "images' SigLIP features are ignored.",
+        )
         outputs = []
     if not config.is_omni:
-        host.warn_once("not-omni", "Z-Image: edit conditioning with a model that was not trained on reference "
-                                   "images (no SigLIP branch); use Z-Image Omni/Edit for editing.")
+        host.warn_once(
+            "not-omni",
+            "Z-Image: edit conditioning with a model that was not trained on reference "
+            "images (no SigLIP branch); use Z-Image Omni/Edit for editing.",
+        )
     out = []
     for i in range(batch):
         latents = []
         for r in refs:
             r = _row(r, i, batch, "reference latent") if torch.is_tensor(r) and r.ndim == 4 else r
             if not torch.is_tensor(r) or r.ndim != 3:
-                raise ZImageError(f"a reference latent of the {which} conditioning has shape "
-                                  f"{tuple(getattr(r, 'shape', ()))}; expected [1, 16, h, w] from VAE Encode.")
+                raise ZImageError(
+                    f"a reference latent of the {which} conditioning has shape "
+                    f"{tuple(getattr(r, 'shape', ()))}; expected [1, 16, h, w] from VAE Encode."
+                )
             latents.append(vae.to_model_space(r.float()))
         segs = [_row(t, i, batch, "reference text segment").float() for t in texts]
         segments = segs[:n] + [feats[i]] + segs[n:]

@@ -69,33 +69,85 @@ class ZImagePromptEnhancer:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True,
-                                      "tooltip": "The short idea to expand, e.g. 'a cozy bookshop cafe on a rainy "
-                                                 "evening, sign reading \"Chapter One\"'."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
-                                 "tooltip": "Seed of the sampling (drawn on the CPU). Same seed, same text."}),
-                "max_new_tokens": ("INT", {"default": 512, "min": 1, "max": 4096, "step": 1,
-                                           "tooltip": "Upper bound on the length of the rewrite, in tokens (about "
-                                                      "0.75 words each). Generation stops earlier at the end of "
-                                                      "the answer."}),
-                "temperature": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 2.0, "step": 0.05,
-                                          "tooltip": "Randomness: 0 = greedy (always the most likely word); "
-                                                     "0.5-0.9 gives varied rewrites per seed."}),
-                "top_p": ("FLOAT", {"default": 0.9, "min": 0.05, "max": 1.0, "step": 0.01,
-                                    "tooltip": "Nucleus sampling: only the most likely words covering this much "
-                                               "probability are drawn from (1 = all)."}),
+                "prompt": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "dynamicPrompts": True,
+                        "tooltip": "The short idea to expand, e.g. 'a cozy bookshop cafe on a rainy "
+                        'evening, sign reading "Chapter One"\'.',
+                    },
+                ),
+                "seed": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": MAX_SEED,
+                        "control_after_generate": True,
+                        "tooltip": "Seed of the sampling (drawn on the CPU). Same seed, same text.",
+                    },
+                ),
+                "max_new_tokens": (
+                    "INT",
+                    {
+                        "default": 512,
+                        "min": 1,
+                        "max": 4096,
+                        "step": 1,
+                        "tooltip": "Upper bound on the length of the rewrite, in tokens (about "
+                        "0.75 words each). Generation stops earlier at the end of "
+                        "the answer.",
+                    },
+                ),
+                "temperature": (
+                    "FLOAT",
+                    {
+                        "default": 0.7,
+                        "min": 0.0,
+                        "max": 2.0,
+                        "step": 0.05,
+                        "tooltip": "Randomness: 0 = greedy (always the most likely word); "
+                        "0.5-0.9 gives varied rewrites per seed.",
+                    },
+                ),
+                "top_p": (
+                    "FLOAT",
+                    {
+                        "default": 0.9,
+                        "min": 0.05,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "Nucleus sampling: only the most likely words covering this much "
+                        "probability are drawn from (1 = all).",
+                    },
+                ),
             },
             "optional": {
-                "text_encoder": ("ZIMAGE_TEXT_ENCODER", {
-                    "tooltip": "The Z-Image text encoder (Z-Image Text Encoder Loader): its own weights generate; "
-                               "only its last layer is read in addition."}),
-                "llm": (llm_choices(), {
-                    "default": USE_TEXT_ENCODER,
-                    "tooltip": "A separate local LLM instead of the text encoder: a Hugging Face folder in "
-                               "ComfyUI/models/LLM, or a Qwen3 file in models/text_encoders."}),
-                "system_prompt": ("STRING", {"multiline": True, "default": "",
-                                             "tooltip": "Instructions for the LLM; empty = the built-in ones "
-                                                        "(detailed, layout-explicit descriptions)."}),
+                "text_encoder": (
+                    "ZIMAGE_TEXT_ENCODER",
+                    {
+                        "tooltip": "The Z-Image text encoder (Z-Image Text Encoder Loader): its own weights generate; "
+                        "only its last layer is read in addition."
+                    },
+                ),
+                "llm": (
+                    llm_choices(),
+                    {
+                        "default": USE_TEXT_ENCODER,
+                        "tooltip": "A separate local LLM instead of the text encoder: a Hugging Face folder in "
+                        "ComfyUI/models/LLM, or a Qwen3 file in models/text_encoders.",
+                    },
+                ),
+                "system_prompt": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "tooltip": "Instructions for the LLM; empty = the built-in ones "
+                        "(detailed, layout-explicit descriptions).",
+                    },
+                ),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -116,16 +168,30 @@ class ZImagePromptEnhancer:
         if self._llm is None or self._llm[:2] != (path, dtype):
             self._llm = None
             inside = host.comfy_module("comfy.model_patcher") is not None
-            lm = core("enhancer").CausalLM.load(path, dtype=dtype, device=offload_device if inside else load_device,
-                                                comfy_tokenizer_dir=host.comfy_tokenizer_dir())
+            lm = core("enhancer").CausalLM.load(
+                path,
+                dtype=dtype,
+                device=offload_device if inside else load_device,
+                comfy_tokenizer_dir=host.comfy_tokenizer_dir(),
+            )
             self._llm = (path, dtype, lm, host.register(lm.model, load_device, offload_device))
         _, _, lm, patcher = self._llm
         host.load(patcher, lm.model, load_device)
         return lm
 
     # ---- run -----------------------------------------------------------------------------
-    def enhance(self, prompt, seed, max_new_tokens, temperature, top_p, text_encoder=None, llm=USE_TEXT_ENCODER,
-                system_prompt="", unique_id=None):
+    def enhance(
+        self,
+        prompt,
+        seed,
+        max_new_tokens,
+        temperature,
+        top_p,
+        text_encoder=None,
+        llm=USE_TEXT_ENCODER,
+        system_prompt="",
+        unique_id=None,
+    ):
         if not isinstance(prompt, str) or not prompt.strip():
             raise ZImageError("the prompt is empty; type a short idea to expand.")
         if not 0 <= int(seed) <= MAX_SEED:
@@ -137,15 +203,24 @@ class ZImagePromptEnhancer:
         elif isinstance(text_encoder, ZImageTextEncoderHandle):
             lm = self._tied_lm(text_encoder)
         elif text_encoder is None:
-            raise ZImageError("nothing to generate with: connect Z-Image Text Encoder Loader to text_encoder, or pick "
-                              "a separate LLM in 'llm'.")
+            raise ZImageError(
+                "nothing to generate with: connect Z-Image Text Encoder Loader to text_encoder, or pick "
+                "a separate LLM in 'llm'."
+            )
         else:
-            raise ZImageError(f"the text_encoder input is {type(text_encoder).__name__}, not a Z-Image text encoder; "
-                              "connect Z-Image Text Encoder Loader to it.")
+            raise ZImageError(
+                f"the text_encoder input is {type(text_encoder).__name__}, not a Z-Image text encoder; "
+                "connect Z-Image Text Encoder Loader to it."
+            )
         bar = _progress_bar(max_new_tokens)
         result = lm.enhance(
-            prompt, max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
-            seed=int(seed), system=system_prompt or None, cancel=host.throw_if_interrupted,
+            prompt,
+            max_new_tokens=int(max_new_tokens),
+            temperature=float(temperature),
+            top_p=float(top_p),
+            seed=int(seed),
+            system=system_prompt or None,
+            cancel=host.throw_if_interrupted,
             on_token=(lambda i, n: bar.update_absolute(i, n)) if bar is not None else None,
         )
         text = result.text
@@ -167,4 +242,3 @@ def _progress_bar(total: int):
     if utils is None or not hasattr(utils, "ProgressBar"):
         return None
     return utils.ProgressBar(total)
-

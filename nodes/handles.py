@@ -43,8 +43,15 @@ class DiTSlot:
     room for the two staged blocks on top when it loads the model.
     """
 
-    def __init__(self, dit, name: str, load_device: torch.device, offload_device: torch.device, swap: int = 0,
-                 activation: int = 0):
+    def __init__(
+        self,
+        dit,
+        name: str,
+        load_device: torch.device,
+        offload_device: torch.device,
+        swap: int = 0,
+        activation: int = 0,
+    ):
         self.dit = dit
         self.name = name
         self.load_device = load_device
@@ -57,10 +64,16 @@ class DiTSlot:
             # Streamed blocks live in (pinned) host memory whatever ComfyUI's offload device is.
             self.streamer = mem.BlockStreamer(blocks, load_device, "cpu", name=f"Z-Image {name}", owner=dit)
             self.memory_required = self.streamer.staging_bytes() + int(activation)
-            self.patcher = host.register(dit, load_device, offload_device, parts=mem.resident_parts(dit, blocks),
-                                         on_move=self.streamer.flush)
-            log.info("Z-Image: %s streams %d of %d blocks (%.0f MB in host memory)", name, len(blocks),
-                     mem.streaming.dit_block_count(dit), self.streamer.streamed_bytes() / 2**20)
+            self.patcher = host.register(
+                dit, load_device, offload_device, parts=mem.resident_parts(dit, blocks), on_move=self.streamer.flush
+            )
+            log.info(
+                "Z-Image: %s streams %d of %d blocks (%.0f MB in host memory)",
+                name,
+                len(blocks),
+                mem.streaming.dit_block_count(dit),
+                self.streamer.streamed_bytes() / 2**20,
+            )
         else:
             self.patcher = host.register(dit, load_device, offload_device)
         self._applied: tuple[LoraSpec, ...] = ()

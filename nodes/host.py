@@ -115,8 +115,13 @@ class ManagedModule(torch.nn.Module):
         return next(self.inner.parameters()).dtype
 
 
-def register(module: torch.nn.Module, load_device: torch.device, offload_device: torch.device, parts=None,
-             on_move: Callable | None = None):
+def register(
+    module: torch.nn.Module,
+    load_device: torch.device,
+    offload_device: torch.device,
+    parts=None,
+    on_move: Callable | None = None,
+):
     """Wrap ``module`` in a ComfyUI ModelPatcher so "Unload models", "Free memory" and other models'
     loads can move it to the offload device. Returns None outside ComfyUI (or if this ComfyUI's
     ModelPatcher does not accept a plain module; then the model stays where it is and a warning says so).
@@ -128,13 +133,19 @@ def register(module: torch.nn.Module, load_device: torch.device, offload_device:
         holder = ManagedModule(module, next(module.parameters()).device, parts, on_move)
         return mp.ModelPatcher(holder, load_device=load_device, offload_device=offload_device)
     except Exception as e:  # noqa: BLE001 - internal API of ComfyUI: never fatal
-        warn_once("register", "Z-Image: could not register a model with ComfyUI's memory management (%s: %s); "
-                  "'Unload models' will not move it.", type(e).__name__, e)
+        warn_once(
+            "register",
+            "Z-Image: could not register a model with ComfyUI's memory management (%s: %s); "
+            "'Unload models' will not move it.",
+            type(e).__name__,
+            e,
+        )
         return None
 
 
-def load(patcher, module: torch.nn.Module, device: torch.device, mover: Callable | None = None,
-         memory_required: int = 0) -> torch.device:
+def load(
+    patcher, module: torch.nn.Module, device: torch.device, mover: Callable | None = None, memory_required: int = 0
+) -> torch.device:
     """Put a model on its compute device, through ComfyUI (evicting others as needed) when registered.
 
     ``mover(device)`` replaces ``module.to(device)`` (a streamed model moves only its resident part);
@@ -152,8 +163,9 @@ def load(patcher, module: torch.nn.Module, device: torch.device, mover: Callable
         except Exception as e:  # noqa: BLE001
             if type(e).__name__ == "InterruptProcessingException" or isinstance(e, torch.cuda.OutOfMemoryError):
                 raise
-            warn_once("load", "Z-Image: ComfyUI could not load the model (%s: %s); moving it by hand.",
-                      type(e).__name__, e)
+            warn_once(
+                "load", "Z-Image: ComfyUI could not load the model (%s: %s); moving it by hand.", type(e).__name__, e
+            )
             move(device)
     else:
         move(device)

@@ -116,45 +116,84 @@ class ZImageModelLoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model_name": (_choices("diffusion_models"), {
-                    "tooltip": "Diffusion model file or diffusers folder in ComfyUI/models/diffusion_models, "
-                               "e.g. z_image_turbo_bf16.safetensors."}),
-                "weight_dtype": (WEIGHT_DTYPES, {
-                    "default": "auto",
-                    "tooltip": "Precision of the weights. auto: bf16 on a GPU that supports it, fp32 otherwise. "
-                               "fp16 is refused for checkpoints that overflow in it (black images)."}),
-                "attention": (ATTENTION_BACKENDS, {
-                    "default": "sdpa", "tooltip": "Attention implementation: PyTorch scaled_dot_product_attention."}),
-                "memory_mode": (MEMORY_MODES, {
-                    "default": "full",
-                    "tooltip": "How the model uses GPU memory. full: all on the GPU while sampling (ComfyUI moves "
-                               "it out when other models need the room). auto: the fastest mode that fits this GPU "
-                               "at 1024x1024. text-encoder-offload: as full; ComfyUI moves the text encoder out. "
-                               "block-swap: swap_blocks blocks stream from host memory while sampling (less VRAM, "
-                               "a little slower). sequential: every block streams (least VRAM). The image is the "
-                               "same in every mode."}),
+                "model_name": (
+                    _choices("diffusion_models"),
+                    {
+                        "tooltip": "Diffusion model file or diffusers folder in ComfyUI/models/diffusion_models, "
+                        "e.g. z_image_turbo_bf16.safetensors."
+                    },
+                ),
+                "weight_dtype": (
+                    WEIGHT_DTYPES,
+                    {
+                        "default": "auto",
+                        "tooltip": "Precision of the weights. auto: bf16 on a GPU that supports it, fp32 otherwise. "
+                        "fp16 is refused for checkpoints that overflow in it (black images).",
+                    },
+                ),
+                "attention": (
+                    ATTENTION_BACKENDS,
+                    {"default": "sdpa", "tooltip": "Attention implementation: PyTorch scaled_dot_product_attention."},
+                ),
+                "memory_mode": (
+                    MEMORY_MODES,
+                    {
+                        "default": "full",
+                        "tooltip": "How the model uses GPU memory. full: all on the GPU while sampling (ComfyUI moves "
+                        "it out when other models need the room). auto: the fastest mode that fits this GPU "
+                        "at 1024x1024. text-encoder-offload: as full; ComfyUI moves the text encoder out. "
+                        "block-swap: swap_blocks blocks stream from host memory while sampling (less VRAM, "
+                        "a little slower). sequential: every block streams (least VRAM). The image is the "
+                        "same in every mode.",
+                    },
+                ),
             },
             "optional": {
-                "quant": (QUANT_MODES, {
-                    "default": "none",
-                    "tooltip": "Quantize the weights while loading: int8 and fp8 about halve the memory of bf16, "
-                               "nf4 quarters it (slightly different images). GGUF and fp8 files are read as they "
-                               "are, whatever this says."}),
-                "swap_blocks": ("INT", {
-                    "default": DEFAULT_SWAP_BLOCKS, "min": 1, "max": 64, "step": 1,
-                    "tooltip": "block-swap only: how many of the transformer blocks (34 in Z-Image) stream from "
-                               "host memory. More saves VRAM (about 360 MB per bf16 block)."}),
-                "compile": ("BOOLEAN", {
-                    "default": False,
-                    "tooltip": "torch.compile the transformer blocks: faster sampling after a slow first run. "
-                               "Needs a working Triton/compiler setup."}),
+                "quant": (
+                    QUANT_MODES,
+                    {
+                        "default": "none",
+                        "tooltip": "Quantize the weights while loading: int8 and fp8 about halve the memory of bf16, "
+                        "nf4 quarters it (slightly different images). GGUF and fp8 files are read as they "
+                        "are, whatever this says.",
+                    },
+                ),
+                "swap_blocks": (
+                    "INT",
+                    {
+                        "default": DEFAULT_SWAP_BLOCKS,
+                        "min": 1,
+                        "max": 64,
+                        "step": 1,
+                        "tooltip": "block-swap only: how many of the transformer blocks (34 in Z-Image) stream from "
+                        "host memory. More saves VRAM (about 360 MB per bf16 block).",
+                    },
+                ),
+                "compile": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": "torch.compile the transformer blocks: faster sampling after a slow first run. "
+                        "Needs a working Triton/compiler setup.",
+                    },
+                ),
             },
         }
 
-    def load(self, model_name, weight_dtype="auto", attention="sdpa", memory_mode="full", quant="none",
-             swap_blocks=DEFAULT_SWAP_BLOCKS, compile=False):
+    def load(
+        self,
+        model_name,
+        weight_dtype="auto",
+        attention="sdpa",
+        memory_mode="full",
+        quant="none",
+        swap_blocks=DEFAULT_SWAP_BLOCKS,
+        compile=False,
+    ):
         if attention not in ATTENTION_BACKENDS:
-            raise ZImageError(f"attention '{attention}' is not available; choose one of {', '.join(ATTENTION_BACKENDS)}.")
+            raise ZImageError(
+                f"attention '{attention}' is not available; choose one of {', '.join(ATTENTION_BACKENDS)}."
+            )
         if memory_mode not in MEMORY_MODES:
             raise ZImageError(f"memory_mode '{memory_mode}' is not available; choose one of {', '.join(MEMORY_MODES)}.")
         if not isinstance(swap_blocks, int) or swap_blocks < 1:
@@ -197,18 +236,30 @@ class ZImageTextEncoderLoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "text_encoder_name": (_choices("text_encoders"), {
-                    "tooltip": "Qwen3-4B weights in ComfyUI/models/text_encoders: qwen_3_4b.safetensors or a "
-                               "diffusers folder (with text_encoder/ and tokenizer/)."}),
-                "weight_dtype": (WEIGHT_DTYPES, {
-                    "default": "auto",
-                    "tooltip": "Precision of the text encoder. auto: bf16 on a GPU that supports it, fp32 otherwise."}),
+                "text_encoder_name": (
+                    _choices("text_encoders"),
+                    {
+                        "tooltip": "Qwen3-4B weights in ComfyUI/models/text_encoders: qwen_3_4b.safetensors or a "
+                        "diffusers folder (with text_encoder/ and tokenizer/)."
+                    },
+                ),
+                "weight_dtype": (
+                    WEIGHT_DTYPES,
+                    {
+                        "default": "auto",
+                        "tooltip": "Precision of the text encoder. auto: bf16 on a GPU that supports it, fp32 otherwise.",
+                    },
+                ),
             },
             "optional": {
-                "quant": (QUANT_MODES, {
-                    "default": "none",
-                    "tooltip": "Quantize the text encoder while loading: int8/fp8 about halve its 8 GB (bf16), nf4 "
-                               "quarters it (slightly different embeddings)."}),
+                "quant": (
+                    QUANT_MODES,
+                    {
+                        "default": "none",
+                        "tooltip": "Quantize the text encoder while loading: int8/fp8 about halve its 8 GB (bf16), nf4 "
+                        "quarters it (slightly different embeddings).",
+                    },
+                ),
             },
         }
 
@@ -217,9 +268,13 @@ class ZImageTextEncoderLoader:
         load_device, offload_device = host.text_encoder_devices()
         dtype = pick_dtype(weight_dtype, load_device)
         te_mod = core("text_encoder")
-        encoder = te_mod.TextEncoder.load(path, dtype=dtype, device=offload_device,
-                                          comfy_tokenizer_dir=host.comfy_tokenizer_dir(),
-                                          **_quant_kwargs(te_mod.TextEncoder.load, quant, "text encoder"))
+        encoder = te_mod.TextEncoder.load(
+            path,
+            dtype=dtype,
+            device=offload_device,
+            comfy_tokenizer_dir=host.comfy_tokenizer_dir(),
+            **_quant_kwargs(te_mod.TextEncoder.load, quant, "text encoder"),
+        )
         return (ZImageTextEncoderHandle(encoder, text_encoder_name, load_device, offload_device),)
 
 
@@ -239,19 +294,37 @@ class ZImageLoraLoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("ZIMAGE_MODEL", {"tooltip": "The Z-Image model (from Z-Image Model Loader or another LoRA loader)."}),
-                "lora_name": (_choices("loras"), {"tooltip": "LoRA file in ComfyUI/models/loras (diffusers/PEFT, "
-                                                             "kohya/musubi, ai-toolkit or ComfyUI key names)."}),
-                "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                       "tooltip": "How strongly the LoRA applies; 0 leaves the model as it is, "
-                                                  "negative values invert it."}),
+                "model": (
+                    "ZIMAGE_MODEL",
+                    {"tooltip": "The Z-Image model (from Z-Image Model Loader or another LoRA loader)."},
+                ),
+                "lora_name": (
+                    _choices("loras"),
+                    {
+                        "tooltip": "LoRA file in ComfyUI/models/loras (diffusers/PEFT, "
+                        "kohya/musubi, ai-toolkit or ComfyUI key names)."
+                    },
+                ),
+                "strength": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": -10.0,
+                        "max": 10.0,
+                        "step": 0.01,
+                        "tooltip": "How strongly the LoRA applies; 0 leaves the model as it is, "
+                        "negative values invert it.",
+                    },
+                ),
             }
         }
 
     def load(self, model, lora_name, strength=1.0):
         if not isinstance(model, ZImageModel):
-            raise ZImageError(f"the model input is {type(model).__name__}, not a Z-Image model; connect Z-Image Model "
-                              "Loader (or another Z-Image LoRA Loader) to it.")
+            raise ZImageError(
+                f"the model input is {type(model).__name__}, not a Z-Image model; connect Z-Image Model "
+                "Loader (or another Z-Image LoRA Loader) to it."
+            )
         if not math.isfinite(strength):
             raise ZImageError(f"LoRA strength {strength} is not a number.")
         path = paths.resolve("loras", lora_name)

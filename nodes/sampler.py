@@ -39,15 +39,17 @@ def prepare_noise(samples: torch.Tensor, seed: int, batch_index=None) -> torch.T
     inds = [int(i) for i in batch_index]
     if len(inds) != shape[0] or min(inds) < 0:
         raise ZImageError(f"the latent's batch_index {inds} does not fit its batch of {shape[0]}.")
-    draws = [torch.randn((1, *shape[1:]), generator=gen, dtype=samples.dtype, device="cpu")
-             for _ in range(max(inds) + 1)]
+    draws = [
+        torch.randn((1, *shape[1:]), generator=gen, dtype=samples.dtype, device="cpu") for _ in range(max(inds) + 1)
+    ]
     return torch.cat([draws[i] for i in inds], dim=0)
 
 
 def _check_latent(latent_image, channels: int) -> torch.Tensor:
     if not isinstance(latent_image, dict) or not torch.is_tensor(latent_image.get("samples")):
-        raise ZImageError("latent_image is not a LATENT; connect EmptySD3LatentImage (text to image) or VAEEncode "
-                          "(image to image).")
+        raise ZImageError(
+            "latent_image is not a LATENT; connect EmptySD3LatentImage (text to image) or VAEEncode (image to image)."
+        )
     x = latent_image["samples"]
     if x.ndim != 4 or x.shape[1] != channels:
         raise ZImageError(
@@ -79,41 +81,114 @@ class ZImageTurboSampler:
         return {
             "required": {
                 "model": ("ZIMAGE_MODEL", {"tooltip": "The Z-Image model (Z-Image Model Loader or LoRA Loader)."}),
-                "positive": ("CONDITIONING", {"tooltip": "What to draw: Z-Image Text Encode (or native Z-Image "
-                                                         "conditioning)."}),
-                "latent_image": ("LATENT", {"tooltip": "EmptySD3LatentImage for text to image, or VAEEncode of an "
-                                                       "image (with a noise mask for inpainting)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
-                                 "tooltip": "Seed of the initial noise (drawn on the CPU: the same on every machine)."}),
-                "steps": ("INT", {"default": 8, "min": 1, "max": 200,
-                                  "tooltip": "Number of denoising steps: 8 for Turbo, 30-50 for Base."}),
-                "cfg": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 30.0, "step": 0.1, "round": 0.01,
-                                  "tooltip": "Classifier-free guidance. 1 = off (Turbo); about 4 for Base, which then "
-                                             "needs the negative input."}),
-                "shift": ("FLOAT", {"default": 3.0, "min": 0.01, "max": 100.0, "step": 0.01,
-                                    "tooltip": "Time shift of the schedule (3 for Z-Image; higher spends more steps "
-                                               "on composition)."}),
-                "sampler_name": (sampler_names(), {"default": "euler",
-                                                   "tooltip": "Solver. euler is the reference pipeline's; "
-                                                              "res_multistep is native ComfyUI's Turbo default."}),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                      "tooltip": "How much of the input latent is replaced: 1 for text to image, "
-                                                 "about 0.5-0.8 for image to image."}),
+                "positive": (
+                    "CONDITIONING",
+                    {"tooltip": "What to draw: Z-Image Text Encode (or native Z-Image conditioning)."},
+                ),
+                "latent_image": (
+                    "LATENT",
+                    {
+                        "tooltip": "EmptySD3LatentImage for text to image, or VAEEncode of an "
+                        "image (with a noise mask for inpainting)."
+                    },
+                ),
+                "seed": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": MAX_SEED,
+                        "control_after_generate": True,
+                        "tooltip": "Seed of the initial noise (drawn on the CPU: the same on every machine).",
+                    },
+                ),
+                "steps": (
+                    "INT",
+                    {
+                        "default": 8,
+                        "min": 1,
+                        "max": 200,
+                        "tooltip": "Number of denoising steps: 8 for Turbo, 30-50 for Base.",
+                    },
+                ),
+                "cfg": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 1.0,
+                        "max": 30.0,
+                        "step": 0.1,
+                        "round": 0.01,
+                        "tooltip": "Classifier-free guidance. 1 = off (Turbo); about 4 for Base, which then "
+                        "needs the negative input.",
+                    },
+                ),
+                "shift": (
+                    "FLOAT",
+                    {
+                        "default": 3.0,
+                        "min": 0.01,
+                        "max": 100.0,
+                        "step": 0.01,
+                        "tooltip": "Time shift of the schedule (3 for Z-Image; higher spends more steps "
+                        "on composition).",
+                    },
+                ),
+                "sampler_name": (
+                    sampler_names(),
+                    {
+                        "default": "euler",
+                        "tooltip": "Solver. euler is the reference pipeline's; "
+                        "res_multistep is native ComfyUI's Turbo default.",
+                    },
+                ),
+                "denoise": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "How much of the input latent is replaced: 1 for text to image, "
+                        "about 0.5-0.8 for image to image.",
+                    },
+                ),
             },
             "optional": {
                 "negative": ("CONDITIONING", {"tooltip": "What to avoid; used only when cfg > 1 (Base)."}),
-                "seed_variance": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                            "tooltip": "Mixes seeded low-frequency noise into the start so Turbo "
-                                                       "varies its composition more between seeds. 0 = off (exact "
-                                                       "reference noise); 0.1-0.5 suggested."}),
+                "seed_variance": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "Mixes seeded low-frequency noise into the start so Turbo "
+                        "varies its composition more between seeds. 0 = off (exact "
+                        "reference noise); 0.1-0.5 suggested.",
+                    },
+                ),
             },
         }
 
-    def sample(self, model, positive, latent_image, seed, steps, cfg, shift, sampler_name, denoise,
-               negative=None, seed_variance=0.0):
+    def sample(
+        self,
+        model,
+        positive,
+        latent_image,
+        seed,
+        steps,
+        cfg,
+        shift,
+        sampler_name,
+        denoise,
+        negative=None,
+        seed_variance=0.0,
+    ):
         if not isinstance(model, ZImageModel):
-            raise ZImageError(f"the model input is {type(model).__name__}, not a Z-Image model; connect Z-Image "
-                              "Model Loader to it.")
+            raise ZImageError(
+                f"the model input is {type(model).__name__}, not a Z-Image model; connect Z-Image Model Loader to it."
+            )
         if sampler_name not in sampler_names():
             raise ZImageError(f"sampler '{sampler_name}' is unknown; choose one of {', '.join(sampler_names())}.")
         if not 0.0 <= denoise <= 1.0:
@@ -126,13 +201,23 @@ class ZImageTurboSampler:
         if denoise == 0:
             return (dict(latent_image),)
         if cfg > 1.0 and negative is None:
-            raise ZImageError(f"cfg is {cfg} (guidance on) but nothing is connected to negative. Connect a Z-Image "
-                              "Text Encode (an empty or 'blurry, low quality' prompt), or set cfg to 1 for Turbo.")
+            raise ZImageError(
+                f"cfg is {cfg} (guidance on) but nothing is connected to negative. Connect a Z-Image "
+                "Text Encode (an empty or 'blurry, low quality' prompt), or set cfg to 1 for Turbo."
+            )
         pipeline, sampling, vae = core("pipeline"), core("sampling"), core("vae")
         b, _, h, w = samples.shape
-        opts = pipeline.GenerateOptions(prompt="", width=w * 8, height=h * 8, steps=int(steps), cfg=float(cfg),
-                                        shift=float(shift), sampler=sampler_name, seed=int(seed),
-                                        denoise=float(denoise))
+        opts = pipeline.GenerateOptions(
+            prompt="",
+            width=w * 8,
+            height=h * 8,
+            steps=int(steps),
+            cfg=float(cfg),
+            shift=float(shift),
+            sampler=sampler_name,
+            seed=int(seed),
+            denoise=float(denoise),
+        )
         opts.validate()
         feat_dim = model.config.cap_feat_dim
         # Reference latents (Z-Image Edit Conditioning, native TextEncodeZImageOmni): the Omni path.
@@ -160,14 +245,28 @@ class ZImageTurboSampler:
         pipe = pipeline.ZImagePipeline(dit, None, None, device=dit.device)
         callback = host.step_callback(int(steps), dit.device)
         if omni:
-            x = core("edit").sample_omni(dit, cond, uncond, noise, opts, init_latents=init, mask=mask,
-                                         callback=callback, cancel=host.cancel_check)
+            x = core("edit").sample_omni(
+                dit,
+                cond,
+                uncond,
+                noise,
+                opts,
+                init_latents=init,
+                mask=mask,
+                callback=callback,
+                cancel=host.cancel_check,
+            )
         else:
-            x = pipe.sample(cond, uncond, noise, opts, init_latents=init, mask=mask, callback=callback,
-                            cancel=host.cancel_check)
+            x = pipe.sample(
+                cond, uncond, noise, opts, init_latents=init, mask=mask, callback=callback, cancel=host.cancel_check
+            )
         if not bool(torch.isfinite(x).all()):
-            hint = (" The model runs in fp16, which overflows for this checkpoint: choose bf16 or fp32 in Z-Image "
-                    "Model Loader." if model.dtype == torch.float16 else " Try weight_dtype fp32 or bf16.")
+            hint = (
+                " The model runs in fp16, which overflows for this checkpoint: choose bf16 or fp32 in Z-Image "
+                "Model Loader."
+                if model.dtype == torch.float16
+                else " Try weight_dtype fp32 or bf16."
+            )
             raise ZImageError(f"sampling produced NaN/Inf values (a black image would follow).{hint}")
         out = dict(latent_image)
         out["samples"] = vae.to_raw_space(x).to(host_intermediate_device(), torch.float32)

@@ -57,11 +57,13 @@ def test_sdpa_padding_mask_matches_the_math_and_ignores_padding():
 # ---------------------------------------------------------------------------------------------- fakes
 def fake_flash(calls, returns_tuple=False):
     """A stand-in FlashAttention: [B, S, H, D] in and out, computed with SDPA."""
+
     def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
         assert q.ndim == 4 and not causal
         calls.append(tuple(q.shape))
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
         return (out, None) if returns_tuple else out
+
     return flash_attn_func
 
 

@@ -110,12 +110,20 @@ def test_omni_matches_reference():
     c = cfg.in_channels
     imgs = [torch.randn(c, 8, 12, generator=g), torch.randn(c, 6, 6, generator=g), torch.randn(c, 8, 8, generator=g)]
     segs = [torch.randn(32 * k, cfg.cap_feat_dim, generator=g) for k in (1, 1, 2, 1)]
-    sig = [torch.randn(4, 3, cfg.siglip_feat_dim, generator=g), torch.randn(2, 5, cfg.siglip_feat_dim, generator=g), None]
+    sig = [
+        torch.randn(4, 3, cfg.siglip_feat_dim, generator=g),
+        torch.randn(2, 5, cfg.siglip_feat_dim, generator=g),
+        None,
+    ]
     t = torch.tensor([0.3])
     with torch.no_grad():
         want = ref(
-            [[i.unsqueeze(1) for i in imgs]], t, [segs], return_dict=False,
-            siglip_feats=[sig], image_noise_mask=[[0, 0, 1]],
+            [[i.unsqueeze(1) for i in imgs]],
+            t,
+            [segs],
+            return_dict=False,
+            siglip_feats=[sig],
+            image_noise_mask=[[0, 0, 1]],
         )[0][0].squeeze(1)
         got = ours.forward_omni([imgs], t, [segs], [sig])[0]
     assert got.shape == want.shape

@@ -74,7 +74,13 @@ def omni(tmp_path_factory):
     mp.setenv("ZIMAGE_MODELS_DIR", str(models))
     try:
         ns = SimpleNamespace(
-            tmp=tmp, models=models, cfg=cfg, ref_dit=ref_dit, te=te, vae=vae, sig=sig,
+            tmp=tmp,
+            models=models,
+            cfg=cfg,
+            ref_dit=ref_dit,
+            te=te,
+            vae=vae,
+            sig=sig,
             model=loaders.ZImageModelLoader().load(C.OMNI_DIT_NAME)[0],
             turbo=loaders.ZImageModelLoader().load("z_image_turbo_bf16.safetensors")[0],
             text_encoder=loaders.ZImageTextEncoderLoader().load("qwen_3_4b.safetensors")[0],
@@ -90,20 +96,42 @@ def omni(tmp_path_factory):
 def conditioning(o, text="make it blue", negative="", vision=True, images=None):
     arrays = images if images is not None else o.arrays
     imgs = [as_image(a) for a in arrays]
-    return E.ZImageEditConditioning().encode(o.text_encoder, o.core_vae, imgs[0], text, negative, 512,
-                                             vision=o.vision if vision else None, image2=imgs[1] if len(imgs) > 1 else None)
+    return E.ZImageEditConditioning().encode(
+        o.text_encoder,
+        o.core_vae,
+        imgs[0],
+        text,
+        negative,
+        512,
+        vision=o.vision if vision else None,
+        image2=imgs[1] if len(imgs) > 1 else None,
+    )
 
 
 def sample(model, pos, latent, neg=None, cfg=1.0, steps=3, seed=5, **kw):
-    return sampler.ZImageTurboSampler().sample(model, pos, latent, seed=seed, steps=steps, cfg=cfg, shift=3.0,
-                                               sampler_name="euler", denoise=1.0, negative=neg, **kw)[0]["samples"]
+    return sampler.ZImageTurboSampler().sample(
+        model,
+        pos,
+        latent,
+        seed=seed,
+        steps=steps,
+        cfg=cfg,
+        shift=3.0,
+        sampler_name="euler",
+        denoise=1.0,
+        negative=neg,
+        **kw,
+    )[0]["samples"]
 
 
 # ---------------------------------------------------------------------------------------------- core pieces
 def test_segment_texts():
     assert edit.omni_segment_texts("a cat", 2) == [
-        "<|im_start|>user\n<|vision_start|>", "<|vision_end|><|vision_start|>",
-        "<|vision_end|>a cat<|im_end|>\n<|im_start|>assistant\n<|vision_start|>", "<|vision_end|><|im_end|>"]
+        "<|im_start|>user\n<|vision_start|>",
+        "<|vision_end|><|vision_start|>",
+        "<|vision_end|>a cat<|im_end|>\n<|im_start|>assistant\n<|vision_start|>",
+        "<|vision_end|><|im_end|>",
+    ]
     assert len(edit.omni_segment_texts("x", 1)) == 3
     with pytest.raises(ValueError):
         edit.omni_segment_texts("x", 0)
@@ -141,8 +169,9 @@ def test_vision_encoder_folder_and_single_file(omni, tmp_path):
     save_safetensors(state, single)
     with pytest.raises(CheckpointError, match="config.json"):  # 24 wide: the head count is not in the tensors
         VisionEncoder.load(single)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip2", "vision_config": {
-        "num_attention_heads": 2}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "siglip2", "vision_config": {"num_attention_heads": 2}})
+    )
     assert torch.equal(VisionEncoder.load(single).encode([as_image(arr)[0]])[0], got)
     with pytest.raises(CheckpointError, match="clip_vision"):
         VisionEncoder.load(tmp_path / "missing")
@@ -161,13 +190,16 @@ def test_vision_loader_lists_folders_and_explains_missing(omni, monkeypatch):
 # ---------------------------------------------------------------------------------------------- conditioning
 def test_conditioning_has_native_form(omni):
     pos, neg, latent = conditioning(omni, negative="blurry")
-    (main, opts), = pos
+    ((main, opts),) = pos
     enc = omni.text_encoder.encoder
     segs = edit.encode_omni_prompt(enc, "make it blue", 2)
     assert torch.equal(main, segs[2][None]) and main.dtype == torch.float32
     assert torch.equal(opts["attention_mask"], torch.ones(1, main.shape[1], dtype=torch.long))
     assert [tuple(t.shape) for t in opts["reference_latents_text_embeds"]] == [
-        (1, *segs[0].shape), (1, *segs[1].shape), (1, *segs[3].shape)]
+        (1, *segs[0].shape),
+        (1, *segs[1].shape),
+        (1, *segs[3].shape),
+    ]
     assert torch.equal(opts["reference_latents_text_embeds"][2][0], segs[3])
     # raw Flux-VAE latents of the cropped references, as core VAEEncode gives them
     for arr, ref in zip(omni.arrays, opts["reference_latents"]):
@@ -198,8 +230,9 @@ class Adapter(torch.nn.Module):
     def device(self):
         return self.dit.device
 
-    def forward(self, x, t, cap_feats, siglip_feats=None, image_noise_mask=None, joint_attention_kwargs=None,
-                return_dict=False):
+    def forward(
+        self, x, t, cap_feats, siglip_feats=None, image_noise_mask=None, joint_attention_kwargs=None, return_dict=False
+    ):
         out = self.dit.forward_omni([[i[:, 0] for i in xs] for xs in x], t, cap_feats, siglip_feats)
         return ([o[:, None] for o in out],)
 
@@ -211,8 +244,15 @@ def reference(omni):
     dit = ZImageDiT(omni.cfg)
     dit.load_state_dict(diffusers_to_native_state(omni.ref_dit))
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
-    pipe = ZImageOmniPipeline(scheduler=sched, vae=omni.vae, text_encoder=omni.te, tokenizer=load_tokenizer(),
-                              transformer=Adapter(dit.eval()), siglip=omni.sig, siglip_processor=make_processor())
+    pipe = ZImageOmniPipeline(
+        scheduler=sched,
+        vae=omni.vae,
+        text_encoder=omni.te,
+        tokenizer=load_tokenizer(),
+        transformer=Adapter(dit.eval()),
+        siglip=omni.sig,
+        siglip_processor=make_processor(),
+    )
     encode = omni.vae.encode
     pipe.vae.encode = lambda x, *a, **k: encode(x.float(), *a, **k)  # its bf16 cast is exact on 0/255 pixels
     pipe.set_progress_bar_config(disable=True)
@@ -223,9 +263,15 @@ def reference(omni):
 def test_edit_nodes_match_diffusers_omni_pipeline(omni, reference, cfg, negative):
     pos, neg, latent = conditioning(omni, negative=negative)
     got = to_model_space(sample(omni.model, pos, latent, neg=neg, cfg=cfg))
-    want = reference(image=[Image.fromarray(a) for a in omni.arrays], prompt="make it blue",
-                     negative_prompt=negative if cfg > 1 else None, num_inference_steps=3, guidance_scale=cfg - 1.0,
-                     generator=torch.Generator("cpu").manual_seed(5), output_type="latent").images
+    want = reference(
+        image=[Image.fromarray(a) for a in omni.arrays],
+        prompt="make it blue",
+        negative_prompt=negative if cfg > 1 else None,
+        num_inference_steps=3,
+        guidance_scale=cfg - 1.0,
+        generator=torch.Generator("cpu").manual_seed(5),
+        output_type="latent",
+    ).images
     assert got.shape == want.shape
     assert rel_err(got, want) <= 1e-5
 
@@ -245,8 +291,9 @@ def test_sampler_equals_a_direct_forward_omni_loop(omni):
             x = x + (sig[i + 1] - sig[i]) * -raw.float()
     assert rel_err(to_model_space(got), x) <= 1e-6
     # the references matter: another image gives another result
-    other = sample(omni.model, conditioning(omni, images=[binary_image(64, 80, 7), omni.arrays[1]])[0], latent,
-                   steps=4, seed=9)
+    other = sample(
+        omni.model, conditioning(omni, images=[binary_image(64, 80, 7), omni.arrays[1]])[0], latent, steps=4, seed=9
+    )
     assert rel_err(other, got) > 1e-3
 
 
@@ -254,12 +301,22 @@ def test_native_conditioning_and_core_edits_work(omni):
     """Conditioning built as native TextEncodeZImageOmni builds it, and core node edits, sample like ours."""
     pos, _, latent = conditioning(omni)
     main, opts = pos[0]
-    outputs = [SimpleNamespace(last_hidden_state=o.last_hidden_state, image_sizes=o.image_sizes,
-                               image_embeds=None) for o in opts["clip_vision_outputs"]]
-    native = [[main.clone(), {"attention_mask": opts["attention_mask"], "pooled_output": None,
-                              "reference_latents": [r.clone() for r in opts["reference_latents"]],
-                              "clip_vision_outputs": outputs,
-                              "reference_latents_text_embeds": list(opts["reference_latents_text_embeds"])}]]
+    outputs = [
+        SimpleNamespace(last_hidden_state=o.last_hidden_state, image_sizes=o.image_sizes, image_embeds=None)
+        for o in opts["clip_vision_outputs"]
+    ]
+    native = [
+        [
+            main.clone(),
+            {
+                "attention_mask": opts["attention_mask"],
+                "pooled_output": None,
+                "reference_latents": [r.clone() for r in opts["reference_latents"]],
+                "clip_vision_outputs": outputs,
+                "reference_latents_text_embeds": list(opts["reference_latents_text_embeds"]),
+            },
+        ]
+    ]
     ours = sample(omni.model, pos, latent)
     assert torch.equal(sample(omni.model, native, latent), ours)
     # ConditioningSetTimestepRange adds keys; ConditioningZeroOut zeroes the negative's prompt segment
@@ -279,7 +336,9 @@ def test_siglip_is_ignored_by_a_model_without_its_branch(omni):
     a = sample(omni.turbo, with_vision[0], with_vision[2])  # as native ComfyUI: no SigLIP embedder, no SigLIP
     b = sample(omni.turbo, without[0], without[2])
     assert torch.equal(a, b)
-    assert rel_err(sample(omni.model, with_vision[0], with_vision[2]), sample(omni.model, without[0], without[2])) > 1e-4
+    assert (
+        rel_err(sample(omni.model, with_vision[0], with_vision[2]), sample(omni.model, without[0], without[2])) > 1e-4
+    )
 
 
 def test_bad_edit_inputs_are_explained(omni):
@@ -306,5 +365,6 @@ def test_each_image_of_a_batch_is_a_reference(omni):
     separate = node.encode(omni.text_encoder, omni.core_vae, a, "x", vision=omni.vision, image2=b)
     assert len(batched[0][0][1]["reference_latents"]) == 2
     assert len(batched[0][0][1]["reference_latents_text_embeds"]) == 3
-    assert torch.equal(sample(omni.model, batched[0], batched[2], steps=2),
-                       sample(omni.model, separate[0], separate[2], steps=2))
+    assert torch.equal(
+        sample(omni.model, batched[0], batched[2], steps=2), sample(omni.model, separate[0], separate[2], steps=2)
+    )

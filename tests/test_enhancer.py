@@ -40,8 +40,15 @@ def env(tmp_path_factory):
     save_comfy_text_encoder(qwen, te_dir / "qwen_3_4b.safetensors")
     save_tokenizer(te_dir / "tokenizer")
     encoder = TextEncoder.load(te_dir / "qwen_3_4b.safetensors")
-    return SimpleNamespace(tmp=tmp, cfg=cfg, qwen=qwen, file=te_dir / "qwen_3_4b.safetensors", models=tmp / "models",
-                           encoder=encoder, lm=CausalLM.from_text_encoder(encoder))
+    return SimpleNamespace(
+        tmp=tmp,
+        cfg=cfg,
+        qwen=qwen,
+        file=te_dir / "qwen_3_4b.safetensors",
+        models=tmp / "models",
+        encoder=encoder,
+        lm=CausalLM.from_text_encoder(encoder),
+    )
 
 
 def reference_lm(env):
@@ -76,10 +83,15 @@ def test_greedy_matches_transformers_generate(env):
     ours, finished = env.lm.generate(ids, 16, temperature=0.0)
     ref = reference_lm(env)
     with torch.no_grad():
-        out = ref.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
-                           eos_token_id=sorted(env.lm.stop_ids), pad_token_id=sorted(env.lm.stop_ids)[0],
-                           suppress_tokens=list(range(env.lm.vocab_limit, env.cfg.vocab_size)))
-    want = out[0, len(ids):].tolist()
+        out = ref.generate(
+            torch.tensor([ids]),
+            max_new_tokens=16,
+            do_sample=False,
+            eos_token_id=sorted(env.lm.stop_ids),
+            pad_token_id=sorted(env.lm.stop_ids)[0],
+            suppress_tokens=list(range(env.lm.vocab_limit, env.cfg.vocab_size)),
+        )
+    want = out[0, len(ids) :].tolist()
     if want and want[-1] in env.lm.stop_ids:
         want = want[:-1]
     assert ours == want and len(set(ours)) > 2

@@ -28,9 +28,15 @@ def ref(model):
 
 def ref_images(ref, prompt, seed, steps=8, cfg=1.0, negative=None, batch=1, width=64, height=48, output_type="pil"):
     return ref(
-        prompt=prompt, negative_prompt=negative, height=height, width=width, num_inference_steps=steps,
-        guidance_scale=cfg - 1.0, num_images_per_prompt=batch,
-        generator=torch.Generator("cpu").manual_seed(seed), output_type=output_type,
+        prompt=prompt,
+        negative_prompt=negative,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=cfg - 1.0,
+        num_images_per_prompt=batch,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type=output_type,
     ).images
 
 
@@ -51,8 +57,27 @@ def rel_err(a, b):
 
 def test_cli_turbo_image_matches_reference_diffusers_layout(model, ref, tmp_path):
     out = tmp_path / "cat.png"
-    rc = main(["generate", "--model", str(model.root), "--prompt", "a red cat on a blue sofa", "--width", "64",
-               "--height", "48", "--steps", "8", "--seed", "7", "--device", "cpu", "--out", str(out)])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(model.root),
+            "--prompt",
+            "a red cat on a blue sofa",
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--steps",
+            "8",
+            "--seed",
+            "7",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     got = Image.open(out)
     assert_same_image(got, ref_images(ref, "a red cat on a blue sofa", 7)[0])
@@ -63,17 +88,58 @@ def test_cli_turbo_image_matches_reference_diffusers_layout(model, ref, tmp_path
 
 def test_cli_single_files_give_the_same_image(model, ref, tmp_path):
     out = tmp_path / "single.png"
-    rc = main(["generate", "--transformer", str(model.transformer), "--text-encoder", str(model.text_encoder),
-               "--vae", str(model.vae), "--tokenizer", str(model.tokenizer), "--prompt", "a lighthouse at dusk",
-               "--width", "48", "--height", "80", "--seed", "3", "--device", "cpu", "--out", str(out)])
+    rc = main(
+        [
+            "generate",
+            "--transformer",
+            str(model.transformer),
+            "--text-encoder",
+            str(model.text_encoder),
+            "--vae",
+            str(model.vae),
+            "--tokenizer",
+            str(model.tokenizer),
+            "--prompt",
+            "a lighthouse at dusk",
+            "--width",
+            "48",
+            "--height",
+            "80",
+            "--seed",
+            "3",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     assert_same_image(Image.open(out), ref_images(ref, "a lighthouse at dusk", 3, width=48, height=80)[0])
 
 
 def test_batch_two_writes_indexed_files(model, ref, tmp_path):
     out = tmp_path / "b.png"
-    rc = main(["generate", "--model", str(model.root), "--prompt", "two birds", "--width", "64", "--height", "64",
-               "--batch", "2", "--seed", "11", "--device", "cpu", "--out", str(out)])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(model.root),
+            "--prompt",
+            "two birds",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--batch",
+            "2",
+            "--seed",
+            "11",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     want = ref_images(ref, "two birds", 11, batch=2, width=64, height=64)
     for i in range(2):
@@ -88,15 +154,17 @@ def pipe(model):
 
 def test_cfg_with_negative_prompt_latents(pipe, ref):
     """Base-style CFG (cfg 4 <=> diffusers guidance 3) with a negative prompt, compared on latents."""
-    opts = GenerateOptions(prompt="a bowl of fruit", negative="blurry, low quality", width=64, height=48,
-                           steps=6, cfg=4.0, seed=5)
+    opts = GenerateOptions(
+        prompt="a bowl of fruit", negative="blurry, low quality", width=64, height=48, steps=6, cfg=4.0, seed=5
+    )
     cond = pipe.encode_prompts(opts.prompts())
     uncond = pipe.encode_prompts(opts.negatives())
     got = pipe.sample(cond, uncond, initial_noise(1, 48, 64, 5), opts)
     want = ref_images(ref, "a bowl of fruit", 5, steps=6, cfg=4.0, negative="blurry, low quality", output_type="latent")
     assert rel_err(got, want) <= 1e-5
-    plain = pipe.sample(cond, None, initial_noise(1, 48, 64, 5), GenerateOptions(prompt="x", width=64, height=48,
-                                                                                  steps=6, seed=5))
+    plain = pipe.sample(
+        cond, None, initial_noise(1, 48, 64, 5), GenerateOptions(prompt="x", width=64, height=48, steps=6, seed=5)
+    )
     assert rel_err(got, plain) > 1e-3  # guidance really changed the result
 
 
@@ -143,8 +211,28 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, args, expect, model):
 
 
 def test_wrong_kind_of_checkpoint(tmp_path, capsys, model):
-    rc = main(["generate", "--transformer", str(model.vae), "--text-encoder", str(model.text_encoder), "--vae",
-               str(model.vae), "--tokenizer", str(model.tokenizer), "--prompt", "x", "--width", "32", "--height",
-               "32", "--device", "cpu", "--out", str(tmp_path / "o.png")])
+    rc = main(
+        [
+            "generate",
+            "--transformer",
+            str(model.vae),
+            "--text-encoder",
+            str(model.text_encoder),
+            "--vae",
+            str(model.vae),
+            "--tokenizer",
+            str(model.tokenizer),
+            "--prompt",
+            "x",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "o.png"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "VAE" in err and len(err.splitlines()) == 1

@@ -184,8 +184,10 @@ def test_unmatched_keys_are_listed(model):
 
 
 def test_siglip_keys_need_an_omni_model(model):
-    sd = {"diffusion_model.siglip_refiner.0.attention.qkv.lora_A.weight": torch.zeros(2, CFG.dim),
-          "diffusion_model.siglip_refiner.0.attention.qkv.lora_B.weight": torch.zeros(3 * CFG.dim, 2)}
+    sd = {
+        "diffusion_model.siglip_refiner.0.attention.qkv.lora_A.weight": torch.zeros(2, CFG.dim),
+        "diffusion_model.siglip_refiner.0.attention.qkv.lora_B.weight": torch.zeros(3 * CFG.dim, 2),
+    }
     with pytest.raises(LoraError, match="siglip_refiner.0.attention.qkv.lora_A.weight"):
         parse_lora(sd, model)
     lora = parse_lora(sd, ZImageDiT(DiTConfig.tiny(omni=True)))
@@ -210,8 +212,10 @@ def test_not_a_lora_is_refused(model, tmp_path):
 
 
 def test_shape_mismatch_names_key_and_shapes(model):
-    sd = {"lora_unet_layers_0_feed_forward_w2.lora_down.weight": torch.zeros(4, 3840),
-          "lora_unet_layers_0_feed_forward_w2.lora_up.weight": torch.zeros(3840, 4)}
+    sd = {
+        "lora_unet_layers_0_feed_forward_w2.lora_down.weight": torch.zeros(4, 3840),
+        "lora_unet_layers_0_feed_forward_w2.lora_up.weight": torch.zeros(3840, 4),
+    }
     with pytest.raises(LoraError, match=r"lora_unet_layers_0_feed_forward_w2.*\(3840, 3840\).*\(64, 170\)"):
         parse_lora(sd, model)
     lora = parse_lora(sd)  # no model: checked when applied, nothing changed

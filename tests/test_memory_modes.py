@@ -40,19 +40,31 @@ G = 10**9
 
 
 # ---------------------------------------------------------------------------------------------- parsing
-@pytest.mark.parametrize("text,want", [
-    ("auto", MemoryMode("auto")), ("full", MemoryMode("full")), ("Block-Swap:12", MemoryMode("block-swap", 12)),
-    ("text_encoder_offload", MemoryMode("text-encoder-offload")), ("sequential", MemoryMode("sequential")),
-])
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("auto", MemoryMode("auto")),
+        ("full", MemoryMode("full")),
+        ("Block-Swap:12", MemoryMode("block-swap", 12)),
+        ("text_encoder_offload", MemoryMode("text-encoder-offload")),
+        ("sequential", MemoryMode("sequential")),
+    ],
+)
 def test_parse_memory_mode(text, want):
     assert parse_memory_mode(text) == want
     assert parse_memory_mode(str(want)) == want
 
 
-@pytest.mark.parametrize("text,match", [
-    ("block-swap:x", "not a whole number"), ("block-swap", "needs the number"), ("block-swap:0", "at least 1"),
-    ("lowvram", "unknown memory mode"), ("full:2", "takes no"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("block-swap:x", "not a whole number"),
+        ("block-swap", "needs the number"),
+        ("block-swap:0", "at least 1"),
+        ("lowvram", "unknown memory mode"),
+        ("full:2", "takes no"),
+    ],
+)
 def test_bad_memory_mode(text, match):
     with pytest.raises(ZImageError, match=match):
         parse_memory_mode(text)
@@ -220,8 +232,15 @@ def test_resident_parts_cover_everything_else(model):
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
-OPTS = dict(prompt=["a red fox in snow", "a lighthouse at dusk, long exposure, waves"], negative="blurry",
-            width=64, height=48, steps=2, cfg=2.5, seed=4)  # captions of different lengths + CFG: the masked path
+OPTS = dict(
+    prompt=["a red fox in snow", "a lighthouse at dusk, long exposure, waves"],
+    negative="blurry",
+    width=64,
+    height=48,
+    steps=2,
+    cfg=2.5,
+    seed=4,
+)  # captions of different lengths + CFG: the masked path
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -240,8 +259,9 @@ def parse_tokenizer_once():
 def generate(pipe, **changes):
     """Images (as arrays) and the final latents of one generation."""
     last = {}
-    images = pipe.generate(GenerateOptions(**{**OPTS, **changes}), progress=False,
-                           callback=lambda i, n, x, d: last.update(x=x.clone()))
+    images = pipe.generate(
+        GenerateOptions(**{**OPTS, **changes}), progress=False, callback=lambda i, n, x, d: last.update(x=x.clone())
+    )
     return [np.asarray(im) for im in images], last["x"]
 
 
@@ -289,8 +309,11 @@ def test_lazy_pipeline_loads_each_component_just_before_its_stage(model, referen
     at_load = {}
     for name in ("_load_dit", "_load_text_encoder", "_load_vae"):
         real = getattr(ZImagePipeline, name)
-        monkeypatch.setattr(ZImagePipeline, name,
-                            lambda self, real=real, name=name: at_load.setdefault(name, self.loaded()) and None or real(self))
+        monkeypatch.setattr(
+            ZImagePipeline,
+            name,
+            lambda self, real=real, name=name: at_load.setdefault(name, self.loaded()) and None or real(self),
+        )
     pixels, latents = generate(pipe)
     assert torch.equal(latents, reference[1]) and all(np.array_equal(a, b) for a, b in zip(pixels, reference[0]))
     assert at_load == {"_load_text_encoder": [], "_load_dit": [], "_load_vae": []}  # the previous one was freed
@@ -341,8 +364,17 @@ def test_cfg_truncation_uses_host_sigmas(model, monkeypatch):
 
     monkeypatch.setattr(pipeline_mod, "SigmaLookup", Spy)
     pipe = ZImagePipeline.load(model.root, device="cpu", memory="full")
-    opts = GenerateOptions(prompt="a fox", negative="blurry", width=32, height=32, steps=4, cfg=3.0,
-                           cfg_truncation=0.2, seed=2, sampler="heun")
+    opts = GenerateOptions(
+        prompt="a fox",
+        negative="blurry",
+        width=32,
+        height=32,
+        steps=4,
+        cfg=3.0,
+        cfg_truncation=0.2,
+        seed=2,
+        sampler="heun",
+    )
     cond, uncond = pipe.encode_prompts(["a fox"]), pipe.encode_prompts(["blurry"])
     trunc = pipe.sample(cond, uncond, initial_noise(1, 32, 32, 2), opts)
     assert made and made[0].misses == 0  # every sigma was read from the host copy of the schedule
@@ -378,6 +410,7 @@ def test_compile_wiring_with_a_stand_in(model):
         def run(*a, **k):
             calls.append(type(a[0]).__name__)
             return fn(*a, **k)
+
         return run
 
     assert compile_blocks(dit, compiler=fake_compile) == 4
@@ -387,8 +420,9 @@ def test_compile_wiring_with_a_stand_in(model):
         got = dit(x, torch.tensor([0.4]), caps)
     assert torch.equal(got, want) and calls == ["TransformerBlock"] * 4
     assert compile_blocks(dit, compiler=fake_compile) == 4 and len(compiled) == 2  # already compiled: untouched
-    assert uncompile_blocks(dit) == 4 and all("forward" not in b.__dict__ for b in dit.modules()
-                                              if isinstance(b, TransformerBlock))
+    assert uncompile_blocks(dit) == 4 and all(
+        "forward" not in b.__dict__ for b in dit.modules() if isinstance(b, TransformerBlock)
+    )
 
 
 def test_compile_traces_the_block_with_dynamo(model):
@@ -411,8 +445,28 @@ def test_compile_traces_the_block_with_dynamo(model):
 
 # ---------------------------------------------------------------------------------------------- CLI
 def _cli(model, out, *extra):
-    return main(["generate", "--model", str(model.root), "--prompt", "a red cat", "--width", "48", "--height", "32",
-                 "--steps", "2", "--seed", "9", "--device", "cpu", "--out", str(out), *extra])
+    return main(
+        [
+            "generate",
+            "--model",
+            str(model.root),
+            "--prompt",
+            "a red cat",
+            "--width",
+            "48",
+            "--height",
+            "32",
+            "--steps",
+            "2",
+            "--seed",
+            "9",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 def test_cli_modes_give_the_same_png(model, tmp_path):
@@ -437,12 +491,15 @@ def test_cli_inpainting_in_a_streaming_mode(model, tmp_path):
     assert np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("args,expect", [
-    (["--memory", "block-swap:x"], "not a whole number of blocks"),
-    (["--memory", "lowvram"], "unknown memory mode"),
-    (["--attention", "flash_attn"], "cannot run here"),
-    (["--attention", "magic"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (["--memory", "block-swap:x"], "not a whole number of blocks"),
+        (["--memory", "lowvram"], "unknown memory mode"),
+        (["--attention", "flash_attn"], "cannot run here"),
+        (["--attention", "magic"], "invalid choice"),
+    ],
+)
 def test_cli_memory_and_speed_flags_fail_in_one_line(model, tmp_path, capsys, args, expect):
     try:
         rc = _cli(model, tmp_path / "o.png", *args)

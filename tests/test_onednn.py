@@ -13,8 +13,10 @@ from zimage_core.config import DiTConfig
 from zimage_core.dit import ZImageDiT
 from zimage_core.lora import LoraLinear
 
-pytestmark = pytest.mark.skipif(onednn._op() is None or not torch.backends.mkldnn.is_available(),
-                                reason="this PyTorch build has no oneDNN (mkldnn) linear op")
+pytestmark = pytest.mark.skipif(
+    onednn._op() is None or not torch.backends.mkldnn.is_available(),
+    reason="this PyTorch build has no oneDNN (mkldnn) linear op",
+)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

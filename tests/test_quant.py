@@ -35,8 +35,16 @@ from zimage_core.weights import save_safetensors
 
 CFG = DiTConfig.tiny(dim=128, n_heads=2, ffn_dim=384, cap_feat_dim=32, axes_dims=(16, 24, 24))
 MODES = ("int8", "nf4", "fp8")
-SENSITIVE = ("x_embedder", "t_embedder.mlp.0", "t_embedder.mlp.2", "cap_embedder.1", "final_layer.linear",
-             "final_layer.adaLN_modulation.1", "layers.0.adaLN_modulation.0", "noise_refiner.0.adaLN_modulation.0")
+SENSITIVE = (
+    "x_embedder",
+    "t_embedder.mlp.0",
+    "t_embedder.mlp.2",
+    "cap_embedder.1",
+    "final_layer.linear",
+    "final_layer.adaLN_modulation.1",
+    "layers.0.adaLN_modulation.0",
+    "noise_refiner.0.adaLN_modulation.0",
+)
 
 
 def cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -59,8 +67,11 @@ def dit_file(tmp_path_factory, state):
 
 def inputs(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, 16, 8, 8, generator=g), torch.tensor([0.3, 0.8]),
-            [torch.randn(9, CFG.cap_feat_dim, generator=g), torch.randn(14, CFG.cap_feat_dim, generator=g)])
+    return (
+        torch.randn(2, 16, 8, 8, generator=g),
+        torch.tensor([0.3, 0.8]),
+        [torch.randn(9, CFG.cap_feat_dim, generator=g), torch.randn(14, CFG.cap_feat_dim, generator=g)],
+    )
 
 
 def run(model, seed: int = 0):
@@ -156,8 +167,10 @@ def test_modules_move_and_survive_dtype_casts(mode):
         assert all(torch.equal(t, storage[n][1]) for n, t in lin.named_buffers())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
-                    reason="needs a GPU with fp8 tensor cores")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="needs a GPU with fp8 tensor cores",
+)
 @pytest.mark.parametrize("per_row", [True, False])
 def test_fp8_scaled_mm_matches_dequantized_matmul(per_row):
     w = torch.randn(256, 512, device="cuda") * 0.05
@@ -253,7 +266,9 @@ def test_comfy_fp8_files_stay_fp8_and_equal_their_dequantization(tmp_path, state
     else:
         fp8 = comfy_fp8_state(state, style)
     if style == "metadata":
-        layers = {k[: -len(".weight")]: {"format": "float8_e4m3fn"} for k, v in fp8.items() if v.dtype == torch.float8_e4m3fn}
+        layers = {
+            k[: -len(".weight")]: {"format": "float8_e4m3fn"} for k, v in fp8.items() if v.dtype == torch.float8_e4m3fn
+        }
         meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
     save_safetensors(fp8, tmp_path / "fp8.safetensors", metadata=meta)
     model = load_dit(tmp_path / "fp8.safetensors", dtype="fp32")
@@ -270,8 +285,10 @@ def test_comfy_fp8_files_stay_fp8_and_equal_their_dequantization(tmp_path, state
 
 def test_comfy_int8_convrot_file(tmp_path, state):
     sd = {k: v.to(torch.bfloat16) for k, v in state.items()}
-    conf = torch.tensor(list(b'{"format": "int8_tensorwise", "per_row": true, "convrot": true, "convrot_groupsize": 64}'),
-                        dtype=torch.uint8)
+    conf = torch.tensor(
+        list(b'{"format": "int8_tensorwise", "per_row": true, "convrot": true, "convrot_groupsize": 64}'),
+        dtype=torch.uint8,
+    )
     for k, v in state.items():
         layer = k[: -len(".weight")]
         if k.endswith(".weight") and DIT_POLICY.fullmatch(layer):
@@ -338,8 +355,9 @@ def test_lora_on_quantized_equals_lora_on_dequantized(dit_file, mode, caplog):
 # ---------------------------------------------------------------------------------------------
 # Text encoder
 # ---------------------------------------------------------------------------------------------
-TE_CFG = TextEncoderConfig.tiny(hidden_size=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64,
-                                intermediate_size=512)
+TE_CFG = TextEncoderConfig.tiny(
+    hidden_size=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64, intermediate_size=512
+)
 needs_tokenizer = pytest.mark.skipif(not FIXTURE_TOKENIZER.exists(), reason="the Qwen tokenizer fixture is absent")
 
 

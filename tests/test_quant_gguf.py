@@ -23,8 +23,16 @@ gguf = pytest.importorskip("gguf")
 
 # (type, byte offsets of its fp16 scale fields)
 TYPES = {
-    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82),
-    "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+    "Q4_0": (0,),
+    "Q4_1": (0, 2),
+    "Q5_0": (0,),
+    "Q5_1": (0, 2),
+    "Q8_0": (0,),
+    "Q2_K": (80, 82),
+    "Q3_K": (108,),
+    "Q4_K": (0, 2),
+    "Q5_K": (0, 2),
+    "Q6_K": (208,),
 }
 
 
@@ -76,8 +84,9 @@ def test_kernels_on_cuda_equal_cpu(name):
     raw = torch.from_numpy(random_blocks(name, 64, seed=1))
     n = 64 * qg.TYPES[t][1]
     # addcmul may run as a fused multiply-add on the GPU: equal up to float32 rounding
-    torch.testing.assert_close(qg.dequantize(raw.cuda(), t, (n,)).cpu(), qg.dequantize(raw, t, (n,)),
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        qg.dequantize(raw.cuda(), t, (n,)).cpu(), qg.dequantize(raw, t, (n,)), rtol=1e-6, atol=1e-6
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,8 +161,12 @@ def test_quant_flag_on_gguf_is_ignored_and_info_names_types(tmp_path, state, cap
 
 
 def test_not_a_dit_gguf_is_named(tmp_path):
-    path = save_gguf({"token_embd.weight": torch.zeros(64, 32), "blk.0.attn_q.weight": torch.zeros(32, 32)},
-                     tmp_path / "llm.gguf", "Q8_0", arch="qwen3")
+    path = save_gguf(
+        {"token_embd.weight": torch.zeros(64, 32), "blk.0.attn_q.weight": torch.zeros(32, 32)},
+        tmp_path / "llm.gguf",
+        "Q8_0",
+        arch="qwen3",
+    )
     with pytest.raises(CheckpointError, match="Z-Image diffusion model"):
         load_dit(path)
 

@@ -21,15 +21,29 @@ from zimage_core.quant import QuantLinear
 from zimage_core.sampling import get_sampler, noise_latent
 from zimage_core.schedules import flow_sigmas
 
-MID = DiTConfig.tiny(dim=512, n_layers=4, n_refiner_layers=1, n_heads=8, ffn_dim=1536, cap_feat_dim=256,
-                     adaln_dim=256, t_mid_dim=256, axes_dims=default_axes_dims(64))
+MID = DiTConfig.tiny(
+    dim=512,
+    n_layers=4,
+    n_refiner_layers=1,
+    n_heads=8,
+    ffn_dim=1536,
+    cap_feat_dim=256,
+    adaln_dim=256,
+    t_mid_dim=256,
+    axes_dims=default_axes_dims(64),
+)
 LATENT = (24, 24)  # a 192x192 image
 STEPS = 8
 SEED = 1234
 CASES = {  # name: (how to load, minimum cosine)
-    "int8": ("quant", 0.99), "fp8": ("quant", 0.99), "nf4": ("quant", 0.95),
-    "Q8_0": ("gguf", 0.99), "Q6_K": ("gguf", 0.99), "Q5_K": ("gguf", 0.99),
-    "Q4_K": ("gguf", 0.95), "Q4_0": ("gguf", 0.95),
+    "int8": ("quant", 0.99),
+    "fp8": ("quant", 0.99),
+    "nf4": ("quant", 0.95),
+    "Q8_0": ("gguf", 0.99),
+    "Q6_K": ("gguf", 0.99),
+    "Q5_K": ("gguf", 0.99),
+    "Q4_K": ("gguf", 0.95),
+    "Q4_0": ("gguf", 0.95),
 }
 
 

@@ -170,9 +170,12 @@ def test_position_limit_error(files, tok):
 # ---- loading ----------------------------------------------------------------------------------
 def test_config_inference(cfg):
     shapes = {
-        "embed_tokens.weight": (151936, 2560), "layers.0.self_attn.q_norm.weight": (128,),
-        "layers.0.self_attn.q_proj.weight": (4096, 2560), "layers.0.self_attn.k_proj.weight": (1024, 2560),
-        "layers.0.mlp.gate_proj.weight": (9728, 2560), "layers.35.input_layernorm.weight": (2560,),
+        "embed_tokens.weight": (151936, 2560),
+        "layers.0.self_attn.q_norm.weight": (128,),
+        "layers.0.self_attn.q_proj.weight": (4096, 2560),
+        "layers.0.self_attn.k_proj.weight": (1024, 2560),
+        "layers.0.mlp.gate_proj.weight": (9728, 2560),
+        "layers.35.input_layernorm.weight": (2560,),
     }
     assert infer_text_encoder_config(shapes) == TextEncoderConfig.qwen3_4b()
     hf = {"rope_theta": 5e5, "rms_norm_eps": 1e-5, "num_hidden_layers": 36, "max_position_embeddings": 1024}
@@ -199,7 +202,9 @@ def test_loaded_model_and_skipped_weights(files, cfg, tok, monkeypatch):
         assert te.model.rotary_emb.inv_freq.dtype == torch.float32
         assert te.device == torch.device("cpu") and te.dtype == torch.float32
         assert read and "embed_tokens.weight" in read
-        assert not [k for k in read if k.startswith(f"layers.{cfg.n_layers - 1}.") or "norm.weight" == k or "lm_head" in k]
+        assert not [
+            k for k in read if k.startswith(f"layers.{cfg.n_layers - 1}.") or "norm.weight" == k or "lm_head" in k
+        ]
 
 
 @needs_tokenizer
@@ -241,9 +246,14 @@ def test_fp8_scaled_file(tmp_path, qwen, tok):
 def test_wrong_files(tmp_path):
     dit = {"cap_embedder.1.weight": torch.zeros(8, 4), "layers.0.attention.qkv.weight": torch.zeros(24, 8)}
     vae = {"encoder.down.0.block.0.conv1.weight": torch.zeros(2, 2, 3, 3), "decoder.up.0.x": torch.zeros(1)}
-    qwen2 = {"model.embed_tokens.weight": torch.zeros(10, 8), "model.layers.0.self_attn.q_proj.weight": torch.zeros(8, 8)}
+    qwen2 = {
+        "model.embed_tokens.weight": torch.zeros(10, 8),
+        "model.layers.0.self_attn.q_proj.weight": torch.zeros(8, 8),
+    }
     for name, state, pattern in (
-        ("dit.safetensors", dit, "diffusion model"), ("ae.safetensors", vae, "VAE"), ("qwen25.safetensors", qwen2, "q_norm"),
+        ("dit.safetensors", dit, "diffusion model"),
+        ("ae.safetensors", vae, "VAE"),
+        ("qwen25.safetensors", qwen2, "q_norm"),
     ):
         save_safetensors(state, tmp_path / name)
         save_tokenizer(tmp_path / "tokenizer")

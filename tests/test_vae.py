@@ -101,9 +101,13 @@ def test_full_size_key_table_and_param_count():
     with torch.device("meta"):
         ours = FluxVAE(VAEConfig.flux())
         theirs = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
-            use_quant_conv=False, use_post_quant_conv=False,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=16,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
         )
     sd, dsd = ours.state_dict(), theirs.state_dict()
     assert len(sd) == 244 and sum(t.numel() for t in sd.values()) == 83_819_683
@@ -221,7 +225,9 @@ def test_dit_file_rejected(tmp_path):
 
 def test_text_encoder_file_rejected(tmp_path):
     f = tmp_path / "qwen.safetensors"
-    save_safetensors({"model.embed_tokens.weight": torch.zeros(3, 3), "model.layers.0.self_attn.q_proj.weight": torch.zeros(3)}, f)
+    save_safetensors(
+        {"model.embed_tokens.weight": torch.zeros(3, 3), "model.layers.0.self_attn.q_proj.weight": torch.zeros(3)}, f
+    )
     with pytest.raises(CheckpointError, match="text encoder"):
         load_vae(f)
 
@@ -309,8 +315,12 @@ def periodic(channels: int, h: int, w: int, period: int, seed: int) -> torch.Ten
     chans = []
     for _ in range(channels):
         a, p = torch.randn(4, generator=g), torch.rand(4, generator=g) * 2 * math.pi
-        chans.append(a[0] * torch.sin(yy + p[0]) + a[1] * torch.sin(xx + p[1]) + a[2] * torch.sin(yy + xx + p[2])
-                     + a[3] * torch.cos(yy - xx + p[3]))
+        chans.append(
+            a[0] * torch.sin(yy + p[0])
+            + a[1] * torch.sin(xx + p[1])
+            + a[2] * torch.sin(yy + xx + p[2])
+            + a[3] * torch.cos(yy - xx + p[3])
+        )
     return 0.5 * torch.stack(chans)[None]
 
 

@@ -9,8 +9,10 @@ from torch import nn
 
 from zimage_core import onednn, winograd
 
-pytestmark = pytest.mark.skipif(onednn._op() is None or not torch.backends.mkldnn.is_available(),
-                                reason="this PyTorch build has no oneDNN (mkldnn) linear op")
+pytestmark = pytest.mark.skipif(
+    onednn._op() is None or not torch.backends.mkldnn.is_available(),
+    reason="this PyTorch build has no oneDNN (mkldnn) linear op",
+)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -60,11 +62,17 @@ def test_steps_aside_where_it_does_not_apply():
         assert winograd.usable(conv, x, min_channels=1)
         assert not winograd.usable(conv, x)  # below MIN_CHANNELS: the transforms would cost more than they save
         assert not winograd.usable(conv, x.contiguous(), min_channels=1)  # NCHW: encoder activations
-        assert not winograd.usable(conv, x[:, :, :7, :].contiguous(memory_format=torch.channels_last),
-                                   min_channels=1)  # odd height
+        assert not winograd.usable(
+            conv, x[:, :, :7, :].contiguous(memory_format=torch.channels_last), min_channels=1
+        )  # odd height
         assert not winograd.usable(conv, x.double(), min_channels=1)
-        for other in (nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=2),
-                      nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")):
+        for other in (
+            nn.Conv2d(8, 8, 3, stride=2, padding=1),
+            nn.Conv2d(8, 8, 1),
+            nn.Conv2d(8, 8, 3, padding=2),
+            nn.Conv2d(8, 8, 3, padding=1, groups=2),
+            nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+        ):
             assert not winograd.usable(other, x, min_channels=1)
         h = conv.register_forward_hook(lambda *a: None)
         assert not winograd.usable(conv, x, min_channels=1)

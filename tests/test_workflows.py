@@ -25,8 +25,14 @@ WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 FILES = sorted(WORKFLOWS.glob("*.json"))
 W, H = 64, 48
 REQUIRED = {
-    "zimage_turbo_t2i.json", "zimage_base_cfg.json", "zimage_img2img.json", "zimage_inpaint.json",
-    "zimage_lora_stack.json", "zimage_turbo_lowvram.json", "zimage_edit.json", "zimage_prompt_enhanced.json",
+    "zimage_turbo_t2i.json",
+    "zimage_base_cfg.json",
+    "zimage_img2img.json",
+    "zimage_inpaint.json",
+    "zimage_lora_stack.json",
+    "zimage_turbo_lowvram.json",
+    "zimage_edit.json",
+    "zimage_prompt_enhanced.json",
 }
 ENHANCER_TOKENS = 12  # the tiny random LLM's rewrite is noise; a few tokens prove the wiring
 
@@ -52,9 +58,13 @@ def setup(tmp_path_factory):
     from zimage_core.weights import save_safetensors
 
     dit = load_dit(tiny.transformer, dtype="fp32")
-    save_safetensors(C.peft_lora(dit, ["layers.0.attention.to_q", "layers.1.feed_forward.w1"], seed=1),
-                     models / "loras" / "style_lora.safetensors")
-    save_safetensors(C.peft_lora(dit, ["layers.0.attention.to_v"], seed=2), models / "loras" / "detail_lora.safetensors")
+    save_safetensors(
+        C.peft_lora(dit, ["layers.0.attention.to_q", "layers.1.feed_forward.w1"], seed=1),
+        models / "loras" / "style_lora.safetensors",
+    )
+    save_safetensors(
+        C.peft_lora(dit, ["layers.0.attention.to_v"], seed=2), models / "loras" / "detail_lora.safetensors"
+    )
     yield {"tmp": tmp, "models": models, "executor": C.Executor(C.all_nodes())}
     mp.undo()
 
@@ -106,8 +116,10 @@ def test_workflow_is_loadable_ui_format(path):
         origin = next(n for n in wf["nodes"] if n["id"] == src)
         assert lid in origin["outputs"][slot]["links"] and origin["outputs"][slot]["type"] == typ
     notes = [n for n in wf["nodes"] if n["type"] in ("Note", "MarkdownNote")]
-    assert notes and all(s in notes[0]["widgets_values"][0] for s in
-                         ("qwen_3_4b.safetensors", "ae.safetensors", "models/diffusion_models", "models/vae"))
+    assert notes and all(
+        s in notes[0]["widgets_values"][0]
+        for s in ("qwen_3_4b.safetensors", "ae.safetensors", "models/diffusion_models", "models/vae")
+    )
     prompt = C.ui_to_api(wf, C.all_nodes())  # every widget value maps onto an input, none left over
     names = {n["inputs"].get("model_name") for n in prompt.values()} - {None}
     assert names <= {"z_image_turbo_bf16.safetensors", "z_image_bf16.safetensors", C.OMNI_DIT_NAME}
@@ -147,10 +159,31 @@ def test_turbo_workflow_image_equals_cli(setup, tmp_path):
     seed = prompt[by_class(prompt, "ZImageTurboSampler")[0]]["inputs"]["seed"]
     m = setup["models"]
     out = tmp_path / "cli.png"
-    rc = cli_main(["generate", "--transformer", str(m / "diffusion_models" / "z_image_turbo_bf16.safetensors"),
-                   "--text-encoder", str(m / "text_encoders" / "qwen_3_4b.safetensors"),
-                   "--vae", str(m / "vae" / "ae.safetensors"), "--prompt", text, "--width", str(W), "--height", str(H),
-                   "--steps", "8", "--seed", str(seed), "--device", "cpu", "--out", str(out)])
+    rc = cli_main(
+        [
+            "generate",
+            "--transformer",
+            str(m / "diffusion_models" / "z_image_turbo_bf16.safetensors"),
+            "--text-encoder",
+            str(m / "text_encoders" / "qwen_3_4b.safetensors"),
+            "--vae",
+            str(m / "vae" / "ae.safetensors"),
+            "--prompt",
+            text,
+            "--width",
+            str(W),
+            "--height",
+            str(H),
+            "--steps",
+            "8",
+            "--seed",
+            str(seed),
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     cli = np.asarray(Image.open(out).convert("RGB"))
     # The same pixels before quantisation: the CLI rounds, core SaveImage truncates.

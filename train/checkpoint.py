@@ -108,8 +108,9 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_atomic_dir(final: Path, write: Callable[[Path], None], is_main: bool = True,
-                     barrier: Callable[[], None] = lambda: None) -> Path:
+def write_atomic_dir(
+    final: Path, write: Callable[[Path], None], is_main: bool = True, barrier: Callable[[], None] = lambda: None
+) -> Path:
     """Create ``final`` as a whole: every process runs ``write(tmp)``, then the main one renames it."""
     final = Path(final)
     tmp = final.with_name(TMP_PREFIX + final.name)
@@ -159,8 +160,9 @@ def like(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if is_dtensor(target):
         from torch.distributed.tensor import distribute_tensor
 
-        return distribute_tensor(full.to(target.device_mesh.device_type, target.dtype), target.device_mesh,
-                                 target.placements)
+        return distribute_tensor(
+            full.to(target.device_mesh.device_type, target.dtype), target.device_mesh, target.placements
+        )
     return full.to(target.device, target.dtype)
 
 
@@ -201,8 +203,17 @@ def load_optimizer_state(optimizer, state: dict, model=None, sharded: bool = Fal
 # ---------------------------------------------------------------------------------------------
 # Reading and writing the files of one checkpoint
 # ---------------------------------------------------------------------------------------------
-def write_checkpoint(folder: Path, *, rank: int, is_main: bool, trainable: dict, ema: dict | None,
-                     optim: dict | None, meta: dict, rank_state: dict) -> None:
+def write_checkpoint(
+    folder: Path,
+    *,
+    rank: int,
+    is_main: bool,
+    trainable: dict,
+    ema: dict | None,
+    optim: dict | None,
+    meta: dict,
+    rank_state: dict,
+) -> None:
     """Write the files of one checkpoint into ``folder`` (the temporary folder of :func:`write_atomic_dir`)."""
     torch.save(rank_state, folder / f"rank{rank}.pt")
     if not is_main:
@@ -234,7 +245,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         found = latest_checkpoint(root)
         if found is not None:
             return found
-    raise CheckpointError(f"no completed checkpoint in '{p}' (looked for step-*/{META_FILE} there and in checkpoints/).")
+    raise CheckpointError(
+        f"no completed checkpoint in '{p}' (looked for step-*/{META_FILE} there and in checkpoints/)."
+    )
 
 
 def read_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:

@@ -193,7 +193,9 @@ class TrainConfig:
         if self.lora.enabled and (self.lora.rank < 1 or not self.lora.targets):
             raise ConfigError("lora: rank must be >= 1 and targets must name at least one module pattern.")
         if not 0.0 <= self.ema.decay < 1.0 or self.ema.every < 1:
-            raise ConfigError(f"ema.decay must be in [0, 1) and ema.every >= 1, got {self.ema.decay}, {self.ema.every}.")
+            raise ConfigError(
+                f"ema.decay must be in [0, 1) and ema.every >= 1, got {self.ema.decay}, {self.ema.every}."
+            )
         if self.checkpoint.every < 0 or self.checkpoint.keep_last < 0:
             raise ConfigError("checkpoint.every and checkpoint.keep_last must be >= 0.")
         s = self.samples
@@ -222,8 +224,11 @@ def _build(cls, values: dict, where: str):
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}.")
     kwargs = {}
     for name, value in values.items():
-        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING \
+        default = (
+            fields[name].default_factory()
+            if fields[name].default_factory is not dataclasses.MISSING
             else fields[name].default
+        )
         if dataclasses.is_dataclass(default):
             kwargs[name] = _build(type(default), value, f"{where}.{name}" if where != "config" else f"[{name}]")
         else:

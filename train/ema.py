@@ -16,8 +16,14 @@ import torch
 
 
 class EMA:
-    def __init__(self, params: Mapping[str, torch.Tensor], decay: float = 0.9999, start_step: int = 0,
-                 every: int = 1, warmup: bool = True):
+    def __init__(
+        self,
+        params: Mapping[str, torch.Tensor],
+        decay: float = 0.9999,
+        start_step: int = 0,
+        every: int = 1,
+        warmup: bool = True,
+    ):
         self.decay, self.start_step, self.every, self.warmup = float(decay), int(start_step), int(every), warmup
         self.updates = 0
         self.shadow: dict[str, torch.Tensor] = {n: p.detach().float().clone() for n, p in params.items()}
@@ -56,8 +62,13 @@ class EMA:
                     p.copy_(backup[n])
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "start_step": self.start_step, "every": self.every, "warmup": self.warmup,
-                "updates": self.updates}
+        return {
+            "decay": self.decay,
+            "start_step": self.start_step,
+            "every": self.every,
+            "warmup": self.warmup,
+            "updates": self.updates,
+        }
 
     def load_state_dict(self, meta: Mapping, shadow: Mapping[str, torch.Tensor]) -> None:
         missing = sorted(set(self.shadow) - set(shadow))

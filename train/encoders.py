@@ -40,8 +40,9 @@ class WordTokenizer:
     _pieces = re.compile(r"<\|[a-z_]+\|>|\w+|[^\w\s]|\n")
 
     def __call__(self, text: str, truncation: bool = False, max_length: int | None = None) -> dict:
-        ids = [self.bos_token_id] + [2 + zlib.crc32(p.encode("utf-8")) % (WORD_VOCAB - 2)
-                                     for p in self._pieces.findall(text)]
+        ids = [self.bos_token_id] + [
+            2 + zlib.crc32(p.encode("utf-8")) % (WORD_VOCAB - 2) for p in self._pieces.findall(text)
+        ]
         if truncation and max_length is not None:
             ids = ids[:max_length]
         return {"input_ids": ids}
@@ -59,8 +60,14 @@ def random_tiny_text_encoder(seed: int = 0, device: str | torch.device = "cpu") 
             value = torch.randn(p.shape, generator=gen) * (0.5 if "embed" in name else 0.15)
         getters[name] = lambda v=value: v
     getters.update({n: (lambda b=b: b) for n, b in buffers.items()})
-    materialize(model, getters, torch.float32, device, keep_dtype=lambda n: n.startswith("rotary_emb."),
-                what="random tiny text encoder")
+    materialize(
+        model,
+        getters,
+        torch.float32,
+        device,
+        keep_dtype=lambda n: n.startswith("rotary_emb."),
+        what="random tiny text encoder",
+    )
     model.eval().requires_grad_(False)
     return TextEncoder(model, WordTokenizer(), cfg)
 

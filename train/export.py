@@ -54,8 +54,9 @@ def default_name(folder: Path, meta: dict, layout: str) -> str:
     return stem if layout == "diffusers" else stem + ".safetensors"
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, ema: bool = False, layout: str = "comfyui",
-                      dtype: str = "bf16") -> Path:
+def export_checkpoint(
+    ckpt: str | Path, out: str | Path, ema: bool = False, layout: str = "comfyui", dtype: str = "bf16"
+) -> Path:
     """Write the model (or LoRA) of checkpoint ``ckpt`` (raw or ``ema`` weights) to ``out``; when ``out`` is an
     existing folder the file gets a default name inside it (``<run>_step<N>[_lora].safetensors``)."""
     folder = ck.resolve_checkpoint(ckpt)
@@ -75,8 +76,14 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, ema: bool = False, layo
     target = resolve_dtype(dtype, "cpu")
     state = {k: (v.to(target) if v.is_floating_point() else v) for k, v in state.items()}
     path = save_dit(state, cfg, out, layout)
-    log.info("exported the DiT of step %s (%s, %s layout, %s) to %s", meta["step"], "EMA" if used_ema else "raw",
-             layout, dtype, path)
+    log.info(
+        "exported the DiT of step %s (%s, %s layout, %s) to %s",
+        meta["step"],
+        "EMA" if used_ema else "raw",
+        layout,
+        dtype,
+        path,
+    )
     return path
 
 

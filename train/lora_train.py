@@ -79,7 +79,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], seed
             "'adaLN_modulation')."
         )
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("LoRA rank %d alpha %g on %d linear layers: %.2fM trainable parameters", rank, alpha, len(names), n_params / 1e6)
+    log.info(
+        "LoRA rank %d alpha %g on %d linear layers: %.2fM trainable parameters", rank, alpha, len(names), n_params / 1e6
+    )
     return names
 
 
@@ -106,7 +108,9 @@ def lora_from_state(state: dict[str, torch.Tensor], alpha: float) -> LoRA:
     return lora
 
 
-def save_trained_lora(state: dict[str, torch.Tensor], alpha: float, path: str | Path, metadata: dict | None = None) -> Path:
+def save_trained_lora(
+    state: dict[str, torch.Tensor], alpha: float, path: str | Path, metadata: dict | None = None
+) -> Path:
     """Write adapter parameters as a LoRA file that zimage and native ComfyUI load."""
     lora = lora_from_state(state, alpha)
     rank = next(iter(lora.values()))[0].down.shape[0]

@@ -27,8 +27,13 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def preset_config(m: ModelSection) -> DiTConfig:
-    base = {"tiny": DiTConfig.tiny, "mid": DiTConfig.mid, "turbo": DiTConfig.turbo, "base": DiTConfig.turbo,
-            "omni": DiTConfig.omni}[m.preset]()
+    base = {
+        "tiny": DiTConfig.tiny,
+        "mid": DiTConfig.mid,
+        "turbo": DiTConfig.turbo,
+        "base": DiTConfig.turbo,
+        "omni": DiTConfig.omni,
+    }[m.preset]()
     fields = {f.name for f in dataclasses.fields(DiTConfig)}
     unknown = sorted(set(m.dims) - fields)
     if unknown:
@@ -77,7 +82,9 @@ def _grow_omni(dit: ZImageDiT, siglip_dim: int, seed: int) -> ZImageDiT:
     grown = init_weights(ZImageDiT(cfg), seed).to(dit.dtype)
     missing, unexpected = grown.load_state_dict(dit.state_dict(), strict=False)
     if unexpected or any(not k.startswith("siglip_") for k in missing):
-        raise ZImageError(f"cannot add a SigLIP branch to this DiT (missing {missing[:3]}, unexpected {unexpected[:3]}).")
+        raise ZImageError(
+            f"cannot add a SigLIP branch to this DiT (missing {missing[:3]}, unexpected {unexpected[:3]})."
+        )
     log.info("added a fresh SigLIP branch (input width %d) to the DiT", siglip_dim)
     return grown
 
@@ -99,8 +106,13 @@ def build_dit(m: ModelSection, seed: int, trainable: bool = True) -> ZImageDiT:
             cfg = cfg.replace(siglip_feat_dim=m.siglip_dim)
         with torch.random.fork_rng(devices=[]):
             dit = init_weights(ZImageDiT(cfg), seed).to(dtype)
-        log.info("DiT from scratch: preset %s, %d layers, dim %d, %.1fM parameters", m.preset, cfg.n_layers, cfg.dim,
-                 sum(p.numel() for p in dit.parameters()) / 1e6)
+        log.info(
+            "DiT from scratch: preset %s, %d layers, dim %d, %.1fM parameters",
+            m.preset,
+            cfg.n_layers,
+            cfg.dim,
+            sum(p.numel() for p in dit.parameters()) / 1e6,
+        )
     dit.requires_grad_(trainable)
     dit.gradient_checkpointing = bool(m.gradient_checkpointing)
     return dit.train(trainable)

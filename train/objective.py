@@ -125,7 +125,9 @@ class OmniSegments:
             found = self.prompts(text) if callable(self.prompts) else self.prompts.get(text)
         return feats if found is None else found
 
-    def build(self, n_refs: int, feats: torch.Tensor | list[torch.Tensor], text: str | None = None) -> list[torch.Tensor]:
+    def build(
+        self, n_refs: int, feats: torch.Tensor | list[torch.Tensor], text: str | None = None
+    ) -> list[torch.Tensor]:
         """The ``n_refs + 2`` segments: ``first, between * (n - 1), prompt, last``.
 
         A list ``feats`` is taken as the complete segments already; otherwise the prompt segment is looked up
@@ -140,8 +142,9 @@ class OmniSegments:
         return [self.first] + [self.between] * (n_refs - 1) + [self.prompt(text, feats), self.last]
 
 
-def flow_loss(model: nn.Module, batch, obj, generator: torch.Generator, device: torch.device,
-              segments: OmniSegments | None = None) -> tuple[torch.Tensor, dict]:
+def flow_loss(
+    model: nn.Module, batch, obj, generator: torch.Generator, device: torch.device, segments: OmniSegments | None = None
+) -> tuple[torch.Tensor, dict]:
     """Mean squared error of the raw DiT output against ``x0 - noise`` for one batch.
 
     ``batch`` follows :class:`train.data.Batch` (latents ``[B, 16, h, w]`` in model space, ``cap_feats``,
@@ -161,8 +164,10 @@ def flow_loss(model: nn.Module, batch, obj, generator: torch.Generator, device: 
             raise ValueError("edit batches need the Omni prompt segments; the trainer encodes them at start")
         refs = batch.ref_latents
         texts = getattr(batch, "captions", None) or [None] * len(refs)
-        caps = [segments.build(len(r), c, txt) if segments is not None else list(c)
-                for r, c, txt in zip(refs, batch.cap_feats, texts)]
+        caps = [
+            segments.build(len(r), c, txt) if segments is not None else list(c)
+            for r, c, txt in zip(refs, batch.cap_feats, texts)
+        ]
         caps = [[s.to(device) for s in seg] for seg in caps]
         siglip = batch.siglip
         if siglip is not None:

@@ -44,8 +44,15 @@ def edit_texts(data) -> list[str]:
 def build_store(path: Path, te, texts: list[str], max_length: int | None, identity: dict, batch: int = 64) -> Path:
     """Encode ``texts`` (and the fixed pieces) into ``path`` unless it already holds them for ``identity``."""
     path = Path(path)
-    ident = json.dumps({**identity, "max_length": max_length, "n": len(texts),
-                        "digest": hashlib.sha1("\0".join(texts).encode("utf-8")).hexdigest()}, sort_keys=True)
+    ident = json.dumps(
+        {
+            **identity,
+            "max_length": max_length,
+            "n": len(texts),
+            "digest": hashlib.sha1("\0".join(texts).encode("utf-8")).hexdigest(),
+        },
+        sort_keys=True,
+    )
     if path.is_file():
         try:
             if WeightSource([path], "Omni prompts").metadata.get("identity") == ident:
@@ -57,7 +64,7 @@ def build_store(path: Path, te, texts: list[str], max_length: int | None, identi
     for name, emb in zip(FIXED, fixed):
         tensors[name] = emb.detach().cpu()
     for i in range(0, len(texts), batch):
-        chunk = texts[i: i + batch]
+        chunk = texts[i : i + batch]
         for text, emb in zip(chunk, te.encode(chunk, max_length=max_length, template=OMNI_PROMPT_TEMPLATE)):
             tensors[key(text)] = emb.detach().cpu()
     save_safetensors(tensors, path, metadata={"identity": ident})
@@ -78,5 +85,6 @@ class PromptStore:
             return None
 
     def segments(self) -> OmniSegments:
-        return OmniSegments(self.source["fixed.first"], self.source["fixed.between"], self.source["fixed.last"],
-                            prompts=self)
+        return OmniSegments(
+            self.source["fixed.first"], self.source["fixed.between"], self.source["fixed.last"], prompts=self
+        )

@@ -24,8 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.run", description="Train or fine-tune a Z-Image DiT.")
     p.add_argument("config", help="TOML file (see train/configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. max_steps=100 optim.lr=1e-4")
-    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
-                   help="continue from the run's latest checkpoint, or from PATH")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="PATH",
+        help="continue from the run's latest checkpoint, or from PATH",
+    )
     p.add_argument("--stop-after", type=int, default=None, metavar="N", help="train at most N steps in this call")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings only")
@@ -34,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         from .config import load_config
         from .trainer import Trainer
@@ -48,8 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("train.run: interrupted\n")
         return 130
-    logging.getLogger("train").info("stopped at step %d; checkpoint %s%s", result.step, result.checkpoint,
-                                    f"; exported {result.export}" if result.export else "")
+    logging.getLogger("train").info(
+        "stopped at step %d; checkpoint %s%s",
+        result.step,
+        result.checkpoint,
+        f"; exported {result.export}" if result.export else "",
+    )
     return 0
 
 

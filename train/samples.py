@@ -32,8 +32,15 @@ class SampleRenderer:
         embeds = dict(zip(texts, text_encoder.encode(texts, max_length=max_length)))
         self.cond = [embeds[p].detach().cpu() for p in prompts]
         self.uncond = [embeds[""].detach().cpu()] * len(prompts) if cfg.cfg > 1.0 else None
-        self.opts = GenerateOptions(prompt=prompts, width=cfg.width, height=cfg.height, steps=cfg.steps, cfg=cfg.cfg,
-                                    shift=cfg.shift, sampler=cfg.sampler)
+        self.opts = GenerateOptions(
+            prompt=prompts,
+            width=cfg.width,
+            height=cfg.height,
+            steps=cfg.steps,
+            cfg=cfg.cfg,
+            shift=cfg.shift,
+            sampler=cfg.sampler,
+        )
         self.opts.validate()
 
     def latents(self, dit, device: torch.device, seed: int, autocast=nullcontext) -> torch.Tensor:

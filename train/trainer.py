@@ -98,8 +98,12 @@ class Trainer:
         find_unused = cfg.ddp_find_unused_parameters
         if find_unused is None:
             find_unused = cfg.model.omni or cfg.model.preset == "omni"
-        acc = Accelerator(cpu=cpu, mixed_precision=mp, log_with=None,
-                          kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(find_unused))])
+        acc = Accelerator(
+            cpu=cpu,
+            mixed_precision=mp,
+            log_with=None,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(find_unused))],
+        )
         kind = str(acc.distributed_type).rsplit(".", 1)[-1]
         if kind == "DEEPSPEED" or (kind == "FSDP" and not getattr(acc, "is_fsdp2", False)):
             raise ZImageError(
@@ -150,7 +154,8 @@ class Trainer:
         self.optimizer = make_optimizer([p for p in dit.parameters() if p.requires_grad], cfg.optim)
         o = cfg.optim
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, LRSchedule(o.warmup_steps, cfg.max_steps, o.schedule, o.min_lr_ratio))
+            self.optimizer, LRSchedule(o.warmup_steps, cfg.max_steps, o.schedule, o.min_lr_ratio)
+        )
         # The scheduler is stepped by hand: accelerate would step it once per process.
         self.model, self.optimizer = acc.prepare(FlowModel(dit), self.optimizer)
         self.sharded = acc.is_fsdp2 if hasattr(acc, "is_fsdp2") else False
@@ -186,8 +191,15 @@ class Trainer:
                 f"reads width {expected} (cap_feat_dim): they do not belong together (model.text_encoder / model.dims)."
             )
         vision = load_vision(m, self.device)
-        build_cache(self.data_cfg, vae, te, vision, progress=self.progress and acc.is_main_process,
-                    rank=self.rank, world_size=self.world)
+        build_cache(
+            self.data_cfg,
+            vae,
+            te,
+            vision,
+            progress=self.progress and acc.is_main_process,
+            rank=self.rank,
+            world_size=self.world,
+        )
         acc.wait_for_everyone()
         if acc.is_main_process and self.world > 1:  # writes the manifest once every shard is done
             build_cache(self.data_cfg, vae, te, vision, progress=False)
@@ -228,9 +240,14 @@ class Trainer:
         import dataclasses
 
         return {
-            "step": self.step, "epoch": self.batches.epoch, "world_size": self.world, "kind": self.kind,
-            "dit_config": dataclasses.asdict(self.dit_config), "lora": dataclasses.asdict(self.cfg.lora),
-            "config": self.cfg.to_dict(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "step": self.step,
+            "epoch": self.batches.epoch,
+            "world_size": self.world,
+            "kind": self.kind,
+            "dit_config": dataclasses.asdict(self.dit_config),
+            "lora": dataclasses.asdict(self.cfg.lora),
+            "config": self.cfg.to_dict(),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
 
     @property
@@ -239,8 +256,12 @@ class Trainer:
 
     def _rank_state(self) -> dict:
         st = {
-            "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "noise": self.noise_gen.get_state(), "data": self.batches.state_dict(), "step": self.step,
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "noise": self.noise_gen.get_state(),
+            "data": self.batches.state_dict(),
+            "step": self.step,
         }
         if torch.cuda.is_available() and self.device.type == "cuda":
             st["cuda"] = torch.cuda.get_rng_state_all()
@@ -251,17 +272,28 @@ class Trainer:
         acc = self.acc
         trainable = ck.full_cpu(self.params)
         ema = ck.full_cpu(self.ema.shadow) if self.ema is not None else None
-        optim = {"optimizer": ck.optimizer_state(self.optimizer, self.model, self.sharded),
-                 "scheduler": self.schedule.state_dict(),
-                 "ema": self.ema.state_dict() if self.ema is not None else None}
+        optim = {
+            "optimizer": ck.optimizer_state(self.optimizer, self.model, self.sharded),
+            "scheduler": self.schedule.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+        }
         meta, rank_state = self._meta(), self._rank_state()
 
         def write(folder: Path) -> None:
-            ck.write_checkpoint(folder, rank=self.rank, is_main=acc.is_main_process, trainable=trainable, ema=ema,
-                                optim=optim if acc.is_main_process else None, meta=meta, rank_state=rank_state)
+            ck.write_checkpoint(
+                folder,
+                rank=self.rank,
+                is_main=acc.is_main_process,
+                trainable=trainable,
+                ema=ema,
+                optim=optim if acc.is_main_process else None,
+                meta=meta,
+                rank_state=rank_state,
+            )
 
-        final = ck.write_atomic_dir(self.ckpt_root / ck.step_name(self.step), write, acc.is_main_process,
-                                    acc.wait_for_everyone)
+        final = ck.write_atomic_dir(
+            self.ckpt_root / ck.step_name(self.step), write, acc.is_main_process, acc.wait_for_everyone
+        )
         if acc.is_main_process:
             for p in ck.prune(self.ckpt_root, self.cfg.checkpoint.keep_last):
                 log.info("removed old checkpoint %s", p.name)
@@ -272,7 +304,9 @@ class Trainer:
     def load(self, path: Path) -> None:
         meta = ck.read_meta(path)
         if meta.get("kind") != self.kind:
-            raise ZImageError(f"checkpoint '{path}' is a {meta.get('kind')} run; this configuration trains {self.kind}.")
+            raise ZImageError(
+                f"checkpoint '{path}' is a {meta.get('kind')} run; this configuration trains {self.kind}."
+            )
         ck.copy_into(self.params, ck.read_tensors(path, "trainable.safetensors"), f"checkpoint '{path}'")
         opt = ck.read_optimizer(path)
         ck.load_optimizer_state(self.optimizer, opt["optimizer"], self.model, self.sharded)
@@ -285,12 +319,18 @@ class Trainer:
                 log.warning("checkpoint %s has no EMA; the EMA starts from the current weights", path.name)
                 self.ema.shadow = {n: p.detach().float().clone() for n, p in self.params.items()}
             else:
-                self.ema.load_state_dict(opt.get("ema") or {}, {n: ck.like(shadow[n], t) for n, t in self.ema.shadow.items()})
+                self.ema.load_state_dict(
+                    opt.get("ema") or {}, {n: ck.like(shadow[n], t) for n, t in self.ema.shadow.items()}
+                )
         rs = ck.read_rank_state(path, self.rank)
         if rs is None:
             rs = ck.read_rank_state(path, 0)
-            log.warning("checkpoint %s has no state for rank %d (world size was %s); RNG streams restart from rank 0's",
-                        path.name, self.rank, meta.get("world_size"))
+            log.warning(
+                "checkpoint %s has no state for rank %d (world size was %s); RNG streams restart from rank 0's",
+                path.name,
+                self.rank,
+                meta.get("world_size"),
+            )
         random.setstate(rs["python"])
         np.random.set_state(rs["numpy"])
         torch.set_rng_state(rs["torch"])
@@ -359,8 +399,9 @@ class Trainer:
         self.renderer.vae.to(self.device)
         try:
             with self.ema.applied(self.params) if use_ema else nullcontext():
-                imgs = self.renderer.render(self.dit, self.device, self.step, self.out / "samples", acc.autocast,
-                                            write=acc.is_main_process)
+                imgs = self.renderer.render(
+                    self.dit, self.device, self.step, self.out / "samples", acc.autocast, write=acc.is_main_process
+                )
         finally:
             if self.sharded:
                 self.model.reshard()
@@ -392,8 +433,13 @@ class Trainer:
         # Adam's second moments of barely-moving weights reach denormal floats, which make CPU math (sqrt) ~100x
         # slower; flushing them to zero is harmless. Switched off again when the loop ends (process-wide flag).
         flush = self.device.type == "cpu" and torch.set_flush_denormal(True)
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=cfg.name, unit="step",
-                   disable=None if (self.progress and acc.is_main_process) else True)
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            desc=cfg.name,
+            unit="step",
+            disable=None if (self.progress and acc.is_main_process) else True,
+        )
         window, t0, saved_at = [], time.perf_counter(), None
         try:
             while self.step < end and not self._stop:
@@ -405,8 +451,14 @@ class Trainer:
                 saved_at = None
                 if self.step % max(1, cfg.log_every) == 0 or self.step == end:
                     mean = float(acc.reduce(torch.tensor(sum(window) / len(window), device=self.device), "mean"))
-                    rec = {"step": self.step, "loss": mean, "lr": self.schedule.get_last_lr()[0],
-                           "epoch": self.batches.epoch, "sec_per_step": (time.perf_counter() - t0) / len(window), **info}
+                    rec = {
+                        "step": self.step,
+                        "loss": mean,
+                        "lr": self.schedule.get_last_lr()[0],
+                        "epoch": self.batches.epoch,
+                        "sec_per_step": (time.perf_counter() - t0) / len(window),
+                        **info,
+                    }
                     self._log(rec)
                     log.info("step %d loss %.5f lr %.3g", self.step, mean, rec["lr"])
                     window, t0 = [], time.perf_counter()
@@ -430,9 +482,13 @@ class Trainer:
                 from .export import export_checkpoint
 
                 (self.out / "export").mkdir(parents=True, exist_ok=True)
-                result.export = export_checkpoint(result.checkpoint, self.out / "export",
-                                                  ema=cfg.export.ema and self.ema is not None,
-                                                  layout=cfg.export.layout, dtype=cfg.export.dtype)
+                result.export = export_checkpoint(
+                    result.checkpoint,
+                    self.out / "export",
+                    ema=cfg.export.ema and self.ema is not None,
+                    layout=cfg.export.layout,
+                    dtype=cfg.export.dtype,
+                )
             acc.wait_for_everyone()
         result.step = self.step
         self.batches.close()
@@ -451,7 +507,9 @@ def prepare_synthetic(spec: dict) -> None:
         raise ZImageError(f"[synthetic] needs 'folder' and takes {sorted(allowed)}; got {sorted(spec)}.")
     folder = Path(spec["folder"])
     if not any(folder.glob("*.png")):
-        make_synthetic_dataset(folder, int(spec.get("n_per_class", 16)), int(spec.get("size", 64)), int(spec.get("seed", 0)))
+        make_synthetic_dataset(
+            folder, int(spec.get("n_per_class", 16)), int(spec.get("size", 64)), int(spec.get("seed", 0))
+        )
         log.info("wrote the synthetic dataset to %s", folder)
     if spec.get("edits"):
         write_synthetic_edits(folder, folder.parent / f"{folder.name}_edits" / "edits.jsonl")
@@ -470,8 +528,16 @@ def write_synthetic_edits(folder: Path, jsonl: Path) -> Path:
         for src in sorted(folder.glob(f"{slug}_*.png")):
             tgt = folder / src.name.replace(slug, nxt)
             if tgt.is_file():
-                lines.append(json.dumps({"source": str(src.resolve()), "target": str(tgt.resolve()),
-                                         "instruction": f"turn it into {caption}", "caption": caption}))
+                lines.append(
+                    json.dumps(
+                        {
+                            "source": str(src.resolve()),
+                            "target": str(tgt.resolve()),
+                            "instruction": f"turn it into {caption}",
+                            "caption": caption,
+                        }
+                    )
+                )
     tmp = jsonl.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     tmp.replace(jsonl)

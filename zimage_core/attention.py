@@ -27,8 +27,12 @@ BACKENDS = ("auto", "sdpa", "flash_attn", "flash_attn_3", "sage")
 _HALF = (torch.float16, torch.bfloat16)
 # name -> (module, function, minimum compute capability, install hint)
 _OPTIONAL = {
-    "flash_attn_3": ("flash_attn_interface", "flash_attn_func", (9, 0), "FlashAttention 3 (hopper/ in the "
-                     "flash-attention repository, 'python setup.py install')"),
+    "flash_attn_3": (
+        "flash_attn_interface",
+        "flash_attn_func",
+        (9, 0),
+        "FlashAttention 3 (hopper/ in the flash-attention repository, 'python setup.py install')",
+    ),
     "flash_attn": ("flash_attn", "flash_attn_func", (8, 0), "pip install flash-attn --no-build-isolation"),
     "sage": ("sageattention", "sageattn", (8, 0), "pip install sageattention"),
 }
@@ -60,8 +64,14 @@ def probe(name: str) -> tuple[Callable | None, str]:
 class AttentionBackend:
     """A kernel with SDPA as the fallback for inputs it does not support."""
 
-    def __init__(self, name: str, kernel: Callable, layout: str, head_dims: tuple[int, ...] | None = None,
-                 max_head_dim: int = 256):
+    def __init__(
+        self,
+        name: str,
+        kernel: Callable,
+        layout: str,
+        head_dims: tuple[int, ...] | None = None,
+        max_head_dim: int = 256,
+    ):
         self.name, self.kernel, self.layout = name, kernel, layout
         self.head_dims, self.max_head_dim = head_dims, max_head_dim
         self.calls = 0
@@ -141,8 +151,12 @@ def resolve(name: str, device: torch.device | str, dtype: torch.dtype) -> tuple[
     return name, _build(name, probe(name)[0])
 
 
-def set_attention(model: torch.nn.Module, name: str = "auto", device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None) -> str:
+def set_attention(
+    model: torch.nn.Module,
+    name: str = "auto",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> str:
     """Point every DiT attention layer of ``model`` at backend ``name``; returns the backend chosen.
 
     ``device``/``dtype`` default to the model's (pass the compute device when the model is still on the CPU).

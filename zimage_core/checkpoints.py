@@ -121,7 +121,9 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], overrides: Mapping | Non
             axes_dims=default_axes_dims(head_dim),
         )
     except KeyError as e:
-        raise CheckpointError(f"the DiT checkpoint lacks tensor {e}; the file is truncated or not a Z-Image model.") from e
+        raise CheckpointError(
+            f"the DiT checkpoint lacks tensor {e}; the file is truncated or not a Z-Image model."
+        ) from e
     for k in ("axes_dims", "axes_lens", "rope_theta", "norm_eps", "t_scale"):
         if overrides and overrides.get(k) is not None:
             v = overrides[k]
@@ -189,7 +191,9 @@ class DiTCheckpoint:
                 parts = [base + s for s in QKV_SPLIT]
                 missing = [p for p in parts if p not in src]
                 if missing:
-                    raise CheckpointError(f"diffusion model: {missing} missing next to '{key}'; the file is incomplete.")
+                    raise CheckpointError(
+                        f"diffusion model: {missing} missing next to '{key}'; the file is incomplete."
+                    )
                 nk = k[: -len(QKV_SPLIT[0])] + QKV_FUSED
                 self.getters[nk] = lambda parts=parts: torch.cat([src[p] for p in parts], dim=0)
                 q = src.shape(parts[0])
@@ -206,8 +210,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str) -
     """``auto`` is bf16 on CUDA and float32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "fp32": torch.float32, "float32": torch.float32}
+    names = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+    }
     if dtype in (None, "auto", "default"):
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if dtype not in names:
@@ -215,8 +225,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str) -
     return names[dtype]
 
 
-def load_dit(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto", device: str = "cpu",
-             quant: str = "none"):
+def load_dit(
+    path: str | os.PathLike, dtype: str | torch.dtype | None = "auto", device: str = "cpu", quant: str = "none"
+):
     """Load any DiT layout, one tensor at a time, into ``dtype`` on ``device``.
 
     GGUF files and ComfyUI's quantized (fp8 / int8) files are recognised and stay quantized; ``quant``
@@ -238,8 +249,16 @@ def load_dit(path: str | os.PathLike, dtype: str | torch.dtype | None = "auto", 
     qload.prepare_dit(model, ckpt, getters, target, device, mode)
     materialize(model, getters, target, device, what=f"diffusion model '{path}'")
     model.eval().requires_grad_(False)
-    log.info("loaded %s DiT (%s layout, %d layers, dim %d) as %s on %s%s", Path(path).name, ckpt.layout,
-             ckpt.config.n_layers, ckpt.config.dim, target, device, "" if mode == "none" else f", {mode} blocks")
+    log.info(
+        "loaded %s DiT (%s layout, %d layers, dim %d) as %s on %s%s",
+        Path(path).name,
+        ckpt.layout,
+        ckpt.config.n_layers,
+        ckpt.config.dim,
+        target,
+        device,
+        "" if mode == "none" else f", {mode} blocks",
+    )
     return model
 
 
@@ -263,8 +282,9 @@ def native_state_to_layout(state: Mapping[str, torch.Tensor], layout: str) -> di
     return out
 
 
-def save_dit(state: Mapping[str, torch.Tensor], cfg: DiTConfig, out: str | os.PathLike, layout: str,
-             shard_bytes: int = 5 * 2**30) -> Path:
+def save_dit(
+    state: Mapping[str, torch.Tensor], cfg: DiTConfig, out: str | os.PathLike, layout: str, shard_bytes: int = 5 * 2**30
+) -> Path:
     """Write a native state dict as ``layout``; diffusers goes to a folder (``out/config.json`` + shards)."""
     out = Path(out)
     tensors = native_state_to_layout(state, layout)
@@ -309,8 +329,10 @@ def convert_dit(src: str | os.PathLike, dst: str | os.PathLike, layout: str, dty
 
     ckpt = DiTCheckpoint(src)
     if comfy.scan(ckpt.source):
-        raise CheckpointError(f"'{src}' is quantized ({comfy.describe(ckpt.source)}); convert works on "
-                              "full-precision (bf16/fp16/fp32) files. Convert the bf16 file instead.")
+        raise CheckpointError(
+            f"'{src}' is quantized ({comfy.describe(ckpt.source)}); convert works on "
+            "full-precision (bf16/fp16/fp32) files. Convert the bf16 file instead."
+        )
     target = None if dtype in (None, "keep") else resolve_dtype(dtype, "cpu")
     state = {}
     for k, get in ckpt.getters.items():

@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg-normalization", type=float, default=0.0, help="cap |guided| at this x |cond| (0 = off)")
     g.add_argument("--cfg-truncation", type=float, default=1.0, help="no guidance once 1 - sigma exceeds this")
     g.add_argument("--shift", type=float, default=3.0)
-    g.add_argument("--sampler", default="euler", choices=sorted(SAMPLERS), metavar="{" + ",".join(sorted(SAMPLERS)) + "}")
+    g.add_argument(
+        "--sampler", default="euler", choices=sorted(SAMPLERS), metavar="{" + ",".join(sorted(SAMPLERS)) + "}"
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch", type=int, default=1)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -86,15 +88,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask", help="inpainting mask image (white = repaint); needs --init-image")
     g.add_argument("--vae-tile", default="auto", help="VAE tile size in pixels, 'auto' or 0 (off)")
     perf = g.add_argument_group("memory and speed (never change the image, except --quant)")
-    perf.add_argument("--memory", type=_memory_mode, default="auto",
-                      metavar="{auto,full,text-encoder-offload,block-swap:N,sequential}",
-                      help="where weights live: auto picks the fastest mode that fits the free VRAM; block-swap:N "
-                           "streams N DiT blocks from pinned host memory; sequential streams all of them")
-    perf.add_argument("--quant", default="none", choices=_quant_modes(),
-                      help="weight quantization of the DiT and text encoder (GGUF and pre-quantized files are "
-                           "recognised by themselves)")
-    perf.add_argument("--attention", default="auto", choices=BACKENDS,
-                      help="attention kernel; auto: FlashAttention 3/2 when installed and usable, else SDPA")
+    perf.add_argument(
+        "--memory",
+        type=_memory_mode,
+        default="auto",
+        metavar="{auto,full,text-encoder-offload,block-swap:N,sequential}",
+        help="where weights live: auto picks the fastest mode that fits the free VRAM; block-swap:N "
+        "streams N DiT blocks from pinned host memory; sequential streams all of them",
+    )
+    perf.add_argument(
+        "--quant",
+        default="none",
+        choices=_quant_modes(),
+        help="weight quantization of the DiT and text encoder (GGUF and pre-quantized files are "
+        "recognised by themselves)",
+    )
+    perf.add_argument(
+        "--attention",
+        default="auto",
+        choices=BACKENDS,
+        help="attention kernel; auto: FlashAttention 3/2 when installed and usable, else SDPA",
+    )
     perf.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (slow first run)")
     g.add_argument("--out", required=True, help="output PNG; with --batch B: <stem>_<i><suffix>")
     g.set_defaults(func=cmd_generate)
@@ -137,25 +151,63 @@ def cmd_generate(args) -> int:
     if args.mask and not args.init_image:
         raise ZImageError("--mask needs --init-image (the picture to inpaint).")
     opts = GenerateOptions(
-        prompt=args.prompt, negative=args.negative, width=args.width, height=args.height, steps=args.steps,
-        cfg=args.cfg, shift=args.shift, sampler=args.sampler, seed=args.seed, batch=args.batch,
-        cfg_normalization=args.cfg_normalization, cfg_truncation=args.cfg_truncation,
-        max_length=args.max_length or None, denoise=args.denoise,
+        prompt=args.prompt,
+        negative=args.negative,
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        cfg=args.cfg,
+        shift=args.shift,
+        sampler=args.sampler,
+        seed=args.seed,
+        batch=args.batch,
+        cfg_normalization=args.cfg_normalization,
+        cfg_truncation=args.cfg_truncation,
+        max_length=args.max_length or None,
+        denoise=args.denoise,
     )
     opts.validate()
     prepare()  # one job, then exit: recycle freed memory, collect garbage cheaply
     t0 = time.perf_counter()
     loras = _parse_loras(args.lora)
     # One-shot: each component is loaded just before its stage and freed right after (files are checked now).
-    pipe = ZImagePipeline.load(args.model, args.transformer, args.text_encoder, args.vae, args.tokenizer,
-                               device=args.device, dtype=args.dtype, memory=args.memory, quant=args.quant,
-                               attention=args.attention, compile=args.compile, loras=loras, lazy=True)
-    tile = None if args.vae_tile in ("0", "off", "none") else (args.vae_tile if args.vae_tile == "auto" else int(args.vae_tile))
+    pipe = ZImagePipeline.load(
+        args.model,
+        args.transformer,
+        args.text_encoder,
+        args.vae,
+        args.tokenizer,
+        device=args.device,
+        dtype=args.dtype,
+        memory=args.memory,
+        quant=args.quant,
+        attention=args.attention,
+        compile=args.compile,
+        loras=loras,
+        lazy=True,
+    )
+    tile = (
+        None
+        if args.vae_tile in ("0", "off", "none")
+        else (args.vae_tile if args.vae_tile == "auto" else int(args.vae_tile))
+    )
     init, mask = _init_latents(pipe, opts, args.init_image, args.mask) if args.init_image else (None, None)
     images = pipe.generate(opts, init_latents=init, mask=mask, tile=tile)
-    params = {"prompt": opts.prompt, "negative": opts.negative, "width": opts.width, "height": opts.height,
-              "steps": opts.steps, "cfg": opts.cfg, "shift": opts.shift, "sampler": opts.sampler, "seed": opts.seed,
-              "batch": opts.batch, "loras": args.lora, "model": args.model or args.transformer, "generator": "zimage"}
+    params = {
+        "prompt": opts.prompt,
+        "negative": opts.negative,
+        "width": opts.width,
+        "height": opts.height,
+        "steps": opts.steps,
+        "cfg": opts.cfg,
+        "shift": opts.shift,
+        "sampler": opts.sampler,
+        "seed": opts.seed,
+        "batch": opts.batch,
+        "loras": args.lora,
+        "model": args.model or args.transformer,
+        "generator": "zimage",
+    }
     if args.quant != "none":
         params["quant"] = args.quant
     for i, (img, path) in enumerate(zip(images, output_paths(args.out, len(images)))):
@@ -221,7 +273,9 @@ def cmd_info(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except ZImageError as e:

@@ -22,9 +22,15 @@ log = logging.getLogger(__name__)
 _MARK = "_zimage_compiled"
 
 
-def compile_blocks(model: nn.Module, *, dynamic: bool | None = True, mode: str | None = None,
-                   backend: str = "inductor", compiler: Callable | None = None,
-                   block_type: type[nn.Module] = TransformerBlock) -> int:
+def compile_blocks(
+    model: nn.Module,
+    *,
+    dynamic: bool | None = True,
+    mode: str | None = None,
+    backend: str = "inductor",
+    compiler: Callable | None = None,
+    block_type: type[nn.Module] = TransformerBlock,
+) -> int:
     """Compile the forward of every ``block_type`` in ``model``; returns how many blocks now use it.
 
     ``compiler`` defaults to :func:`torch.compile` (tests pass a stand-in). Calling it again is a no-op.

@@ -89,8 +89,15 @@ class DiTConfig:
     def tiny(cls, omni: bool = False, **changes) -> DiTConfig:
         """A few-hundred-thousand-parameter model for tests (same code path as the 6B one)."""
         base = dict(
-            dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, ffn_dim=int(64 / 3 * 8), cap_feat_dim=32,
-            adaln_dim=64, t_mid_dim=128, axes_dims=default_axes_dims(32),
+            dim=64,
+            n_layers=2,
+            n_refiner_layers=1,
+            n_heads=2,
+            ffn_dim=int(64 / 3 * 8),
+            cap_feat_dim=32,
+            adaln_dim=64,
+            t_mid_dim=128,
+            axes_dims=default_axes_dims(32),
             siglip_feat_dim=24 if omni else None,
         )
         base.update(changes)

@@ -86,7 +86,9 @@ class ZImageDiT(nn.Module):
         self.gradient_checkpointing = False
         self.x_embedder = nn.Linear(cfg.patch_dim, cfg.dim, bias=True)
         self.t_embedder = TimestepEmbedder(cfg.adaln_dim, cfg.t_mid_dim)
-        self.cap_embedder = nn.Sequential(RMSNorm(cfg.cap_feat_dim, cfg.norm_eps), nn.Linear(cfg.cap_feat_dim, cfg.dim, bias=True))
+        self.cap_embedder = nn.Sequential(
+            RMSNorm(cfg.cap_feat_dim, cfg.norm_eps), nn.Linear(cfg.cap_feat_dim, cfg.dim, bias=True)
+        )
         self.x_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
         self.cap_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
         self.noise_refiner = nn.ModuleList(TransformerBlock(cfg, True) for _ in range(cfg.n_refiner_layers))
@@ -156,7 +158,9 @@ class ZImageDiT(nn.Module):
         ht, wt = height // p, width // p
         n = ht * wt
         n_pad = n + _pad_len(n, cfg.seq_multiple)
-        grid = torch.stack(torch.meshgrid(torch.arange(ht, device=dev), torch.arange(wt, device=dev), indexing="ij"), -1)
+        grid = torch.stack(
+            torch.meshgrid(torch.arange(ht, device=dev), torch.arange(wt, device=dev), indexing="ij"), -1
+        )
         img_pos, joint_pos = [], []
         for lp in captions.padded_lens:
             pos = torch.zeros(n_pad, 3, dtype=torch.int64, device=dev)
@@ -166,8 +170,13 @@ class ZImageDiT(nn.Module):
             joint_pos.append(torch.cat([pos, _caption_positions(lp, 1, dev)]))
         joint_pos_b, joint_mask = _batch(joint_pos)
         return StepPlan(
-            captions=captions, height=height, width=width, n_img=n, n_img_pad=n_pad,
-            img_rope=make_rope(torch.stack(img_pos), cfg), joint_rope=make_rope(joint_pos_b, cfg),
+            captions=captions,
+            height=height,
+            width=width,
+            n_img=n,
+            n_img_pad=n_pad,
+            img_rope=make_rope(torch.stack(img_pos), cfg),
+            joint_rope=make_rope(joint_pos_b, cfg),
             joint_mask=joint_mask,
         )
 
@@ -191,8 +200,9 @@ class ZImageDiT(nn.Module):
             h = torch.cat([h, cap.to(h.dtype)], dim=1)
         else:
             # pad only: the mask is the plan's (building it again would copy lengths to the device every step)
-            h = torch.nn.utils.rnn.pad_sequence([torch.cat([h[i], c.to(h.dtype)]) for i, c in
-                                                 enumerate(plan.captions.tokens)], batch_first=True)
+            h = torch.nn.utils.rnn.pad_sequence(
+                [torch.cat([h[i], c.to(h.dtype)]) for i, c in enumerate(plan.captions.tokens)], batch_first=True
+            )
         for block in self.layers:
             h = self._run(block, h, plan.joint_rope, plan.joint_mask, block.modulation(adaln))
         scale = 1.0 + self.final_layer.adaLN_modulation(adaln).unsqueeze(1)
@@ -334,4 +344,3 @@ class ZImageDiT(nn.Module):
         n = (lh // cfg.patch_size) * (lw // cfg.patch_size)
         target = torch.stack([out[i, img_start[i] : img_start[i] + n] for i in range(len(seqs))])
         return unpatchify(target, lh, lw, cfg.patch_size, cfg.in_channels)
-

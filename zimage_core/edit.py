@@ -34,8 +34,15 @@ from .sampling import cfg_active, cfg_combine, get_sampler, inpaint_model_fn, no
 from .schedules import flow_sigmas, img2img_sigmas, model_t
 
 __all__ = [
-    "OMNI_PROMPT_TEMPLATE", "REFERENCE_MAX_AREA", "OmniCondition", "OmniDenoiser", "encode_omni_prompt",
-    "omni_segment_texts", "prepare_reference", "reference_size", "sample_omni",
+    "OMNI_PROMPT_TEMPLATE",
+    "REFERENCE_MAX_AREA",
+    "OmniCondition",
+    "OmniDenoiser",
+    "encode_omni_prompt",
+    "omni_segment_texts",
+    "prepare_reference",
+    "reference_size",
+    "sample_omni",
 ]
 
 log = logging.getLogger(__name__)
@@ -100,10 +107,12 @@ def prepare_reference(image: torch.Tensor, max_area: int = REFERENCE_MAX_AREA) -
         scaled = x[0].permute(1, 2, 0).clamp(0.0, 1.0).to(image.dtype)
     ch, cw = th // PIXEL_MULTIPLE * PIXEL_MULTIPLE, tw // PIXEL_MULTIPLE * PIXEL_MULTIPLE
     if ch == 0 or cw == 0:
-        raise ZImageError(f"a reference image of {w}x{h} pixels is too small; it needs at least "
-                          f"{PIXEL_MULTIPLE}x{PIXEL_MULTIPLE} pixels.")
+        raise ZImageError(
+            f"a reference image of {w}x{h} pixels is too small; it needs at least "
+            f"{PIXEL_MULTIPLE}x{PIXEL_MULTIPLE} pixels."
+        )
     top, left = (th - ch) // 2, (tw - cw) // 2
-    return scaled, scaled[top: top + ch, left: left + cw]
+    return scaled, scaled[top : top + ch, left : left + cw]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,19 +132,27 @@ class OmniCondition:
         if n < 1:
             raise ZImageError(f"the {where} carries no reference image.")
         if len(self.segments) != n + 2:
-            raise ZImageError(f"the {where} has {n} reference images but {len(self.segments)} caption segments "
-                              f"(needs {n + 2}); encode it with Z-Image Edit Conditioning.")
+            raise ZImageError(
+                f"the {where} has {n} reference images but {len(self.segments)} caption segments "
+                f"(needs {n + 2}); encode it with Z-Image Edit Conditioning."
+            )
         for s in self.segments:
             if s.ndim != 2 or s.shape[0] == 0 or s.shape[1] != cfg.cap_feat_dim:
-                raise ZImageError(f"the {where} has a caption segment of shape {tuple(s.shape)}; this model expects "
-                                  f"[tokens, {cfg.cap_feat_dim}] from its Qwen3 text encoder.")
+                raise ZImageError(
+                    f"the {where} has a caption segment of shape {tuple(s.shape)}; this model expects "
+                    f"[tokens, {cfg.cap_feat_dim}] from its Qwen3 text encoder."
+                )
         for r in self.references:
             if r.ndim != 3 or r.shape[0] != cfg.in_channels:
-                raise ZImageError(f"the {where} has a reference latent of shape {tuple(r.shape)}; expected "
-                                  f"[{cfg.in_channels}, h, w] Flux-VAE latents (encode it with ae.safetensors).")
+                raise ZImageError(
+                    f"the {where} has a reference latent of shape {tuple(r.shape)}; expected "
+                    f"[{cfg.in_channels}, h, w] Flux-VAE latents (encode it with ae.safetensors)."
+                )
             if r.shape[-2] % cfg.patch_size or r.shape[-1] % cfg.patch_size:
-                raise ZImageError(f"the {where} has a reference of {r.shape[-1] * 8}x{r.shape[-2] * 8} pixels; "
-                                  f"reference sizes must be multiples of {PIXEL_MULTIPLE}.")
+                raise ZImageError(
+                    f"the {where} has a reference of {r.shape[-1] * 8}x{r.shape[-2] * 8} pixels; "
+                    f"reference sizes must be multiples of {PIXEL_MULTIPLE}."
+                )
         if self.siglip is not None:
             if len(self.siglip) > n:
                 raise ZImageError(f"the {where} has {len(self.siglip)} SigLIP features for {n} reference images.")
@@ -143,11 +160,15 @@ class OmniCondition:
                 if f is None:
                     continue
                 if cfg.siglip_feat_dim is None:
-                    raise ZImageError(f"the {where} carries SigLIP features, but this model has no SigLIP branch "
-                                      "(it is not Z-Image Omni/Edit).")
+                    raise ZImageError(
+                        f"the {where} carries SigLIP features, but this model has no SigLIP branch "
+                        "(it is not Z-Image Omni/Edit)."
+                    )
                 if f.ndim != 3 or f.shape[-1] != cfg.siglip_feat_dim:
-                    raise ZImageError(f"the {where} has SigLIP features of shape {tuple(f.shape)}; this model expects "
-                                      f"[h, w, {cfg.siglip_feat_dim}] (SigLIP2 so400m).")
+                    raise ZImageError(
+                        f"the {where} has SigLIP features of shape {tuple(f.shape)}; this model expects "
+                        f"[h, w, {cfg.siglip_feat_dim}] (SigLIP2 so400m)."
+                    )
 
     def siglip_list(self, dit: ZImageDiT) -> list[torch.Tensor | None] | None:
         """Per image (references + target) for ``forward_omni``; None for a model without SigLIP branch."""
@@ -167,9 +188,17 @@ class OmniDenoiser:
     branch then runs the text-to-image forward, with its captions prepared once).
     """
 
-    def __init__(self, dit: ZImageDiT, cond: Branch, uncond: Branch | None, latent_hw: tuple[int, int],
-                 cfg: float = 1.0, normalization: float = 0.0, truncation: float = 1.0,
-                 sigmas: torch.Tensor | None = None):
+    def __init__(
+        self,
+        dit: ZImageDiT,
+        cond: Branch,
+        uncond: Branch | None,
+        latent_hw: tuple[int, int],
+        cfg: float = 1.0,
+        normalization: float = 0.0,
+        truncation: float = 1.0,
+        sigmas: torch.Tensor | None = None,
+    ):
         self.dit, self.cfg, self.normalization, self.truncation = dit, cfg, normalization, truncation
         self.use_cfg = uncond is not None and cfg > 1.0
         # with the sampler's schedule, CFG truncation reads sigma on the host (no device sync per step)
@@ -188,9 +217,13 @@ class OmniDenoiser:
             on_device = []
             for e in entries:  # moved once, not at every step
                 e.check(self.dit, f"{where} conditioning")
-                on_device.append(OmniCondition(
-                    segments=[s.to(dev) for s in e.segments], references=[r.to(dev) for r in e.references],
-                    siglip=None if e.siglip is None else [None if f is None else f.to(dev) for f in e.siglip]))
+                on_device.append(
+                    OmniCondition(
+                        segments=[s.to(dev) for s in e.segments],
+                        references=[r.to(dev) for r in e.references],
+                        siglip=None if e.siglip is None else [None if f is None else f.to(dev) for f in e.siglip],
+                    )
+                )
             return ("omni", on_device)
         if any(omni):
             raise ZImageError(f"the {where} conditioning mixes edit and text-only samples in one batch.")

@@ -49,8 +49,10 @@ DEFAULT_SYSTEM_PROMPT = (
     "explanation, no lists or headings."
 )
 # Qwen3's chat template for a system + user turn, generation prompt on, thinking off.
-QWEN3_CHAT = ("<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
-              "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+QWEN3_CHAT = (
+    "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
+    "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+)
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 _THINK = re.compile(r"<think>.*?</think>", re.S)
 _QUANT_SUFFIXES = (".weight_scale", ".scale_weight", ".input_scale", ".scale_input", ".comfy_quant", ".weight_scale_2")
@@ -115,12 +117,14 @@ def _getters(view: WeightSource, wanted: Callable[[str], str | None], where) -> 
         base = k[: -len(".weight")] if k.endswith(".weight") else None
         scale = next((base + s for s in (".weight_scale", ".scale_weight") if base and base + s in view), None)
         if scale is None:
-            out[name] = (lambda k=k: view[k])
+            out[name] = lambda k=k: view[k]
         elif view.dtype_name(k).startswith("F8") and base + ".weight_scale_2" not in view:
-            out[name] = (lambda k=k, s=scale: _dequant(view[k], view[s]))
+            out[name] = lambda k=k, s=scale: _dequant(view[k], view[s])
         else:
-            raise CheckpointError(f"prompt enhancer: '{where}' stores '{k}' in a quantized format this loader does "
-                                  "not read; use qwen_3_4b.safetensors (bf16).")
+            raise CheckpointError(
+                f"prompt enhancer: '{where}' stores '{k}' in a quantized format this loader does "
+                "not read; use qwen_3_4b.safetensors (bf16)."
+            )
     return out
 
 
@@ -147,8 +151,10 @@ def build_tied_lm(text_encoder):
         raise ZImageError("the text encoder was unloaded; load it again to use the prompt enhancer.")
     source = getattr(text_encoder, "source", None)
     if source is None:
-        raise ZImageError("this text encoder does not know its weight file, so its last layer cannot be read; load "
-                          "it with Z-Image Text Encoder Loader (or give the enhancer a separate LLM).")
+        raise ZImageError(
+            "this text encoder does not know its weight file, so its last layer cannot be read; load "
+            "it with Z-Image Text Encoder Loader (or give the enhancer a separate LLM)."
+        )
     n_all, n_run = text_encoder.config.n_layers, len(enc.layers)
     hf_cfg = _lm_config(enc.config, n_all)
     with torch.device("meta"):
@@ -174,8 +180,12 @@ def build_tied_lm(text_encoder):
     materialize(extra, _getters(view, wanted, source), p.dtype, p.device, what="prompt enhancer (last layer + norm)")
     lm.lm_head.weight = lm.model.embed_tokens.weight
     lm.eval().requires_grad_(False)
-    log.info("prompt enhancer: causal LM over the text encoder (%d shared layers, %d read from '%s')",
-             n_run, n_all - n_run, source)
+    log.info(
+        "prompt enhancer: causal LM over the text encoder (%d shared layers, %d read from '%s')",
+        n_run,
+        n_all - n_run,
+        source,
+    )
     return lm, extra
 
 
@@ -230,15 +240,23 @@ class CausalLM:
         return cls(lm, text_encoder.tokenizer, extra=extra)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-             tokenizer=None, comfy_tokenizer_dir: str | os.PathLike | None = None) -> CausalLM:
+    def load(
+        cls,
+        path: str | os.PathLike,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        tokenizer=None,
+        comfy_tokenizer_dir: str | os.PathLike | None = None,
+    ) -> CausalLM:
         """A separate local LLM: a Hugging Face folder (config.json + weights + tokenizer) or a Qwen3 file."""
         from .tokenizer import find_tokenizer, load_tokenizer
 
         p = Path(path).expanduser()
         if not p.exists():
-            raise CheckpointError(f"prompt enhancer: the LLM '{p}' does not exist. Put a Hugging Face model folder "
-                                  "(config.json, *.safetensors, tokenizer files) or a Qwen3 .safetensors file there.")
+            raise CheckpointError(
+                f"prompt enhancer: the LLM '{p}' does not exist. Put a Hugging Face model folder "
+                "(config.json, *.safetensors, tokenizer files) or a Qwen3 .safetensors file there."
+            )
         if p.is_dir() and (p / "config.json").is_file():
             from transformers import AutoModelForCausalLM
 
@@ -248,8 +266,9 @@ class CausalLM:
                 except TypeError:  # transformers 4.x
                     model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, torch_dtype=dtype)
             except (OSError, ValueError, KeyError) as e:
-                raise CheckpointError(f"prompt enhancer: cannot load the LLM folder '{p}' ({type(e).__name__}: "
-                                      f"{e}).") from e
+                raise CheckpointError(
+                    f"prompt enhancer: cannot load the LLM folder '{p}' ({type(e).__name__}: {e})."
+                ) from e
             model = model.to(device).eval().requires_grad_(False)
             if tokenizer is None:
                 tokenizer = load_tokenizer(find_tokenizer(None, p, comfy_tokenizer_dir))
@@ -279,8 +298,9 @@ class CausalLM:
         if self.chat_template is None:
             messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
             try:
-                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                          enable_thinking=False)
+                text = self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+                )
             except Exception as e:  # noqa: BLE001 - a broken template in a user's folder
                 raise ZImageError(f"prompt enhancer: the LLM's chat template failed ({type(e).__name__}: {e}).") from e
         else:
@@ -292,15 +312,22 @@ class CausalLM:
         raw = self.tokenizer.decode(ids, skip_special_tokens=False)
         start, end = self._think
         if end is not None and end in ids:
-            ids = ids[len(ids) - ids[::-1].index(end):]
+            ids = ids[len(ids) - ids[::-1].index(end) :]
         if start is not None and start in ids:
             ids = ids[: ids.index(start)]
         return strip_think(self.tokenizer.decode(ids, skip_special_tokens=True)), raw
 
     # ---- generation ----------------------------------------------------------------------
-    def generate(self, input_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, cancel: Callable[[], None] | None = None,
-                 on_token: Callable[[int, int], None] | None = None) -> tuple[list[int], bool]:
+    def generate(
+        self,
+        input_ids: list[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        cancel: Callable[[], None] | None = None,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> tuple[list[int], bool]:
         """New token ids (end token excluded) and whether an end token was reached."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ZImageError(f"max_new_tokens must be a positive number, got {max_new_tokens!r}.")
@@ -327,7 +354,7 @@ class CausalLM:
                 past = out.past_key_values
                 logits = out.logits[0, -1].float()
                 if self.vocab_limit < logits.shape[0]:
-                    logits[self.vocab_limit:] = float("-inf")  # rows the tokenizer cannot decode
+                    logits[self.vocab_limit :] = float("-inf")  # rows the tokenizer cannot decode
                 tok = pick_token(logits, gen, float(temperature), float(top_p))
                 if tok in self.stop_ids:
                     finished = True
@@ -338,9 +365,17 @@ class CausalLM:
                 x = torch.tensor([[tok]], dtype=torch.long, device=dev)
         return out_ids, finished
 
-    def enhance(self, prompt: str, max_new_tokens: int = 512, temperature: float = 0.7, top_p: float = 0.9,
-                seed: int = 0, system: str | None = None, cancel: Callable[[], None] | None = None,
-                on_token: Callable[[int, int], None] | None = None) -> EnhanceResult:
+    def enhance(
+        self,
+        prompt: str,
+        max_new_tokens: int = 512,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        seed: int = 0,
+        system: str | None = None,
+        cancel: Callable[[], None] | None = None,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> EnhanceResult:
         """Rewrite ``prompt`` (see :data:`DEFAULT_SYSTEM_PROMPT`)."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ZImageError("the prompt to enhance is empty; type a short idea first.")

@@ -53,8 +53,20 @@ from .weights import WeightSource, save_safetensors
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Diff", "Kron", "LoRA", "LoraHandle", "LoraLinear", "LowRank", "Term", "apply_loras", "detect_format",
-    "load_lora", "lora_state_dict", "parse_lora", "parse_lora_arg", "save_lora",
+    "Diff",
+    "Kron",
+    "LoRA",
+    "LoraHandle",
+    "LoraLinear",
+    "LowRank",
+    "Term",
+    "apply_loras",
+    "detect_format",
+    "load_lora",
+    "lora_state_dict",
+    "parse_lora",
+    "parse_lora_arg",
+    "save_lora",
 ]
 
 _STACK = "_zimage_lora_handles"
@@ -80,8 +92,9 @@ def parse_lora_arg(arg: str) -> tuple[str, float]:
         strength = float(tail)
     except ValueError:
         if re.fullmatch(r"[-+0-9.eE]*", tail):
-            raise LoraError(f"--lora '{arg}': '{tail}' is not a number; use FILE[:STRENGTH], e.g. "
-                            "style.safetensors:0.8") from None
+            raise LoraError(
+                f"--lora '{arg}': '{tail}' is not a number; use FILE[:STRENGTH], e.g. style.safetensors:0.8"
+            ) from None
         return arg, 1.0
     if not math.isfinite(strength):
         raise LoraError(f"--lora '{arg}': the strength must be a finite number")
@@ -149,8 +162,10 @@ class LoraHandle:
         if not self.active:
             return
         if self.lossy:
-            raise LoraError("this LoRA was merged without keeping the original weights (keep_original=False); "
-                            "load the model again to drop it.")
+            raise LoraError(
+                "this LoRA was merged without keeping the original weights (keep_original=False); "
+                "load the model again to drop it."
+            )
         stack = getattr(self.model, _STACK, [])
         if stack and stack[-1] is not self:
             raise LoraError("LoRAs applied after this one are still active; remove them first (reverse order).")
@@ -172,8 +187,10 @@ def _merge(handle: LoraHandle, module: nn.Module, name: str, items, backup_devic
     for param, group in by_param.items():
         p = getattr(module, param)
         if not p.is_floating_point():
-            raise LoraError(f"cannot merge a LoRA into '{name}.{param}' stored as {p.dtype}; "
-                            "use the runtime LoRA mode with quantized weights.")
+            raise LoraError(
+                f"cannot merge a LoRA into '{name}.{param}' stored as {p.dtype}; "
+                "use the runtime LoRA mode with quantized weights."
+            )
         total = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         for term, strength in group:
             off, n = rows(term.chunk, p.shape[0])
@@ -194,8 +211,13 @@ def _wrap(handle: LoraHandle, model: nn.Module, name: str, items) -> None:
     setattr(parent, attr, LoraLinear(base, items))
 
 
-def apply_loras(model: nn.Module, loras: Iterable[tuple[LoRA, float] | LoRA], mode: str = "merge",
-                backup_device: str | torch.device | None = "cpu", keep_original: bool = True) -> LoraHandle:
+def apply_loras(
+    model: nn.Module,
+    loras: Iterable[tuple[LoRA, float] | LoRA],
+    mode: str = "merge",
+    backup_device: str | torch.device | None = "cpu",
+    keep_original: bool = True,
+) -> LoraHandle:
     """Apply ``[(lora, strength), ...]`` to ``model`` (``merge`` or ``runtime``); returns a handle to remove them.
 
     Every LoRA is checked against the model before anything changes. ``backup_device`` holds the original
@@ -254,8 +276,11 @@ def _fuse_low_rank(key: str, terms: list[LowRank]) -> dict[str, torch.Tensor]:
     """One LoRA of summed rank equal to all ``terms`` (split q/k/v become a block-diagonal ``up``)."""
     if len(terms) == 1 and terms[0].chunk is None:
         t = terms[0]
-        return {key + ".lora_down.weight": t.down, key + ".lora_up.weight": t.up,
-                key + ".alpha": torch.tensor(t.scale * t.down.shape[0], dtype=torch.float32)}
+        return {
+            key + ".lora_down.weight": t.down,
+            key + ".lora_up.weight": t.up,
+            key + ".alpha": torch.tensor(t.scale * t.down.shape[0], dtype=torch.float32),
+        }
     same = len({t.scale for t in terms}) == 1
     dtype = torch.float32
     if same:
@@ -270,8 +295,11 @@ def _fuse_low_rank(key: str, terms: list[LowRank]) -> dict[str, torch.Tensor]:
         col += r
     down = torch.cat([t.down.to(dtype) for t in terms])
     alpha = (terms[0].scale if same else 1.0) * rank
-    return {key + ".lora_down.weight": down, key + ".lora_up.weight": up,
-            key + ".alpha": torch.tensor(alpha, dtype=torch.float32)}
+    return {
+        key + ".lora_down.weight": down,
+        key + ".lora_up.weight": up,
+        key + ".alpha": torch.tensor(alpha, dtype=torch.float32),
+    }
 
 
 def _sum_full(terms: list[Term]) -> torch.Tensor:

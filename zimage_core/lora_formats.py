@@ -69,7 +69,9 @@ class LowRank:
         return F.linear(F.linear(x, self.down), self.up) * self.scale
 
     def to(self, device, dtype=None) -> LowRank:
-        return dataclasses.replace(self, down=self.down.to(device=device, dtype=dtype), up=self.up.to(device=device, dtype=dtype))
+        return dataclasses.replace(
+            self, down=self.down.to(device=device, dtype=dtype), up=self.up.to(device=device, dtype=dtype)
+        )
 
 
 @dataclass
@@ -96,7 +98,9 @@ class Kron:
         return (self.w1 @ xs @ self.w2.T).flatten(-2) * self.scale
 
     def to(self, device, dtype=None) -> Kron:
-        return dataclasses.replace(self, w1=self.w1.to(device=device, dtype=dtype), w2=self.w2.to(device=device, dtype=dtype))
+        return dataclasses.replace(
+            self, w1=self.w1.to(device=device, dtype=dtype), w2=self.w2.to(device=device, dtype=dtype)
+        )
 
 
 @dataclass
@@ -151,8 +155,17 @@ class Target:
 
 _PREFIXES = tuple(
     re.sub(r"[._-]+", "_", p).lower()
-    for p in ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "lora_unet_",
-              "lora_transformer_", "lycoris_", "default.", "unet.")
+    for p in (
+        "base_model.model.",
+        "model.diffusion_model.",
+        "diffusion_model.",
+        "transformer.",
+        "lora_unet_",
+        "lora_transformer_",
+        "lycoris_",
+        "default.",
+        "unet.",
+    )
 )
 
 
@@ -237,8 +250,11 @@ def target_table(model=None) -> TargetTable:
     if isinstance(model, nn.Module):
         return TargetTable(module_targets(model))
     keys = set(model)
-    shapes = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in model.items()} \
-        if isinstance(model, Mapping) else {}
+    shapes = (
+        {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in model.items()}
+        if isinstance(model, Mapping)
+        else {}
+    )
     targets = {}
     for k in keys:
         if k.endswith(".weight"):
@@ -252,18 +268,41 @@ def target_table(model=None) -> TargetTable:
 # Keys of a LoRA file
 # ---------------------------------------------------------------------------------------------
 _PARTS = (
-    (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"), (".lora_A.weight", "down"),
-    (".lora_B.weight", "up"), (".lora_down.weight", "down"), (".lora_up.weight", "up"),
-    (".lora.down.weight", "down"), (".lora.up.weight", "up"), ("_lora.down.weight", "down"),
-    ("_lora.up.weight", "up"), (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
-    (".alpha", "alpha"), (".lokr_w1", "w1"), (".lokr_w1_a", "w1_a"), (".lokr_w1_b", "w1_b"), (".lokr_w2", "w2"),
-    (".lokr_w2_a", "w2_a"), (".lokr_w2_b", "w2_b"), (".diff", "diff"), (".diff_b", "diff_b"),
-    (".w_norm", "diff"), (".b_norm", "diff_b"),
+    (".lora_A.default.weight", "down"),
+    (".lora_B.default.weight", "up"),
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora_down.weight", "down"),
+    (".lora_up.weight", "up"),
+    (".lora.down.weight", "down"),
+    (".lora.up.weight", "up"),
+    ("_lora.down.weight", "down"),
+    ("_lora.up.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"),
+    (".lora_linear_layer.up.weight", "up"),
+    (".alpha", "alpha"),
+    (".lokr_w1", "w1"),
+    (".lokr_w1_a", "w1_a"),
+    (".lokr_w1_b", "w1_b"),
+    (".lokr_w2", "w2"),
+    (".lokr_w2_a", "w2_a"),
+    (".lokr_w2_b", "w2_b"),
+    (".diff", "diff"),
+    (".diff_b", "diff_b"),
+    (".w_norm", "diff"),
+    (".b_norm", "diff_b"),
 )
 _UNSUPPORTED = (
-    (".dora_scale", "DoRA"), (".hada_w1_a", "LoHa"), (".hada_w2_a", "LoHa"), (".lokr_t2", "LoKr with Tucker"),
-    (".lora_mid.weight", "LoCon with Tucker"), (".a1.weight", "GLoRA"), (".oft_blocks", "OFT"), (".oft_diag", "OFT"),
-    (".lora_B.bias", "LoRA with bias"), (".lora_up.bias", "LoRA with bias"),
+    (".dora_scale", "DoRA"),
+    (".hada_w1_a", "LoHa"),
+    (".hada_w2_a", "LoHa"),
+    (".lokr_t2", "LoKr with Tucker"),
+    (".lora_mid.weight", "LoCon with Tucker"),
+    (".a1.weight", "GLoRA"),
+    (".oft_blocks", "OFT"),
+    (".oft_diag", "OFT"),
+    (".lora_B.bias", "LoRA with bias"),
+    (".lora_up.bias", "LoRA with bias"),
 )
 _PEFT_SUFFIXES = (".lora_A.default.weight", ".lora_A.weight")
 
@@ -366,8 +405,10 @@ def _terms(path: str, parts: dict[str, str], sd: Mapping[str, torch.Tensor], pef
     if "down" in parts:
         down, up = _matrix(get("down")), _matrix(get("up"))
         if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-            raise LoraError(f"LoRA '{path}': down {tuple(down.shape)} and up {tuple(up.shape)} do not form a "
-                            "low-rank pair; the file is damaged or not a linear LoRA.")
+            raise LoraError(
+                f"LoRA '{path}': down {tuple(down.shape)} and up {tuple(up.shape)} do not form a "
+                "low-rank pair; the file is damaged or not a linear LoRA."
+            )
         rank = down.shape[0]
         if alpha is not None:
             scale = alpha / rank
@@ -423,16 +464,24 @@ def check_lora(lora: LoRA, table: TargetTable, what: str = "this model") -> None
     """Raise a LoraError if a target is missing from ``table`` or a term's shape does not fit it."""
     missing = [n for n in lora if n not in table.targets]
     if missing:
-        raise LoraError(f"{lora.name}: patches modules that {what} lacks ({lora.format} format): {_listing(missing)}. "
-                        "It was made for another model (e.g. an Omni-only SigLIP layer on Turbo/Base).")
+        raise LoraError(
+            f"{lora.name}: patches modules that {what} lacks ({lora.format} format): {_listing(missing)}. "
+            "It was made for another model (e.g. an Omni-only SigLIP layer on Turbo/Base)."
+        )
     bad = [msg for n, terms in lora.items() for t in terms if (msg := check_term(n, t, table.targets[n]))]
     if bad:
-        raise LoraError(f"{lora.name}: {len(bad)} LoRA tensor(s) do not fit {what} ({lora.format} format): "
-                        f"{_listing(bad, 5)}. The LoRA was made for another model size.")
+        raise LoraError(
+            f"{lora.name}: {len(bad)} LoRA tensor(s) do not fit {what} ({lora.format} format): "
+            f"{_listing(bad, 5)}. The LoRA was made for another model size."
+        )
 
 
-def parse_lora(state_dict: Mapping[str, torch.Tensor], model_keys=None, metadata: Mapping[str, str] | None = None,
-               name: str = "LoRA") -> LoRA:
+def parse_lora(
+    state_dict: Mapping[str, torch.Tensor],
+    model_keys=None,
+    metadata: Mapping[str, str] | None = None,
+    name: str = "LoRA",
+) -> LoRA:
     """Read a LoRA state dict of any supported layout into a :class:`LoRA` for the model ``model_keys``
     (a ZImageDiT, DiTConfig, state dict or parameter names; None = the released Omni layout).
 
@@ -442,8 +491,9 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], model_keys=None, metadata
     fmt = detect_format(keys, metadata)
     unsupported = sorted({kind for k in keys for suf, kind in _UNSUPPORTED if k.endswith(suf)})
     if unsupported:
-        raise LoraError(f"{name}: uses {', '.join(unsupported)}, which is not supported (only LoRA, LoKr and "
-                        "weight diffs are).")
+        raise LoraError(
+            f"{name}: uses {', '.join(unsupported)}, which is not supported (only LoRA, LoKr and weight diffs are)."
+        )
     groups: dict[str, dict[str, str]] = {}
     unknown = []
     for k in keys:
@@ -454,8 +504,11 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], model_keys=None, metadata
             groups.setdefault(hit[0], {})[hit[1]] = k
     if not groups:
         stripped = {re.sub(r"^(model\.)?diffusion_model\.", "", k) for k in keys}
-        found = ("a Z-Image diffusion model (load it as the model, not as a LoRA)"
-                 if "cap_embedder.1.weight" in stripped else describe_wrong_file(keys, "a LoRA"))
+        found = (
+            "a Z-Image diffusion model (load it as the model, not as a LoRA)"
+            if "cap_embedder.1.weight" in stripped
+            else describe_wrong_file(keys, "a LoRA")
+        )
         raise LoraError(f"{name}: not a LoRA file: {found}")
     table = target_table(model_keys)
     unmatched = list(unknown)
@@ -470,8 +523,10 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], model_keys=None, metadata
         hint = ""
         if any(k.startswith(("lora_te", "text_encoder", "te_")) for k in unmatched):
             hint = " Text-encoder LoRA weights are not supported."
-        raise LoraError(f"{name}: {len(unmatched)} key(s) do not match any module of this model ({fmt} format "
-                        f"detected): {_listing(unmatched)}. Is the LoRA for another model?{hint}")
+        raise LoraError(
+            f"{name}: {len(unmatched)} key(s) do not match any module of this model ({fmt} format "
+            f"detected): {_listing(unmatched)}. Is the LoRA for another model?{hint}"
+        )
     peft_scale = _peft_alpha(metadata)
     lora = LoRA(format=fmt, name=name)
     for path, parts in groups.items():
@@ -484,7 +539,8 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], model_keys=None, metadata
             lora.add(target, term)
     for target, terms in lora.items():
         if any(t.chunk for t in terms) and any(t.chunk is None for t in terms):
-            log.warning("%s: '%s' is patched both as fused qkv and as split to_q/to_k/to_v; both are applied",
-                        name, target)
+            log.warning(
+                "%s: '%s' is patched both as fused qkv and as split to_q/to_k/to_v; both are applied", name, target
+            )
     check_lora(lora, table)
     return lora

@@ -34,9 +34,15 @@ def _op():
 def enabled_for(x: torch.Tensor) -> bool:
     """True when oneDNN may serve inference on ``x`` at all: a CPU fp32/bf16 tensor, oneDNN built and switched
     on, no autograd, not inside ``torch.compile``."""
-    return x.device.type == "cpu" and x.dtype in _DTYPES and torch.backends.mkldnn.is_available() \
-        and torch._C._get_mkldnn_enabled() and not torch.is_grad_enabled() and not torch.compiler.is_compiling() \
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _DTYPES
+        and torch.backends.mkldnn.is_available()
+        and torch._C._get_mkldnn_enabled()
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
         and _op() is not None
+    )
 
 
 def usable(x: torch.Tensor, *mods: nn.Module) -> bool:

@@ -128,9 +128,17 @@ class Denoiser:
     ``sigmas`` (the schedule tensor given to the sampler) CFG truncation reads sigma on the host.
     """
 
-    def __init__(self, dit: ZImageDiT, cond: list[torch.Tensor], uncond: list[torch.Tensor] | None,
-                 latent_hw: tuple[int, int], cfg: float = 1.0, normalization: float = 0.0, truncation: float = 1.0,
-                 sigmas: torch.Tensor | None = None):
+    def __init__(
+        self,
+        dit: ZImageDiT,
+        cond: list[torch.Tensor],
+        uncond: list[torch.Tensor] | None,
+        latent_hw: tuple[int, int],
+        cfg: float = 1.0,
+        normalization: float = 0.0,
+        truncation: float = 1.0,
+        sigmas: torch.Tensor | None = None,
+    ):
         self.dit, self.cfg, self.normalization, self.truncation = dit, cfg, normalization, truncation
         self.use_cfg = uncond is not None and cfg > 1.0
         self.sigma_value = SigmaLookup(sigmas) if sigmas is not None else (lambda s: float(s.reshape(-1)[0]))
@@ -179,10 +187,20 @@ class ZImagePipeline:
     command line); :meth:`release` frees components of a long-lived pipeline, which reloads them on use.
     """
 
-    def __init__(self, dit: ZImageDiT | None, text_encoder, vae, device: torch.device | str = "cpu", *,
-                 memory: str | None = None, offload_device: torch.device | str = "cpu",
-                 sources: ModelSources | None = None, lazy: bool = False, attention: str = "sdpa",
-                 compile: bool = False):
+    def __init__(
+        self,
+        dit: ZImageDiT | None,
+        text_encoder,
+        vae,
+        device: torch.device | str = "cpu",
+        *,
+        memory: str | None = None,
+        offload_device: torch.device | str = "cpu",
+        sources: ModelSources | None = None,
+        lazy: bool = False,
+        attention: str = "sdpa",
+        compile: bool = False,
+    ):
         from .memory import Residency
 
         self._dit, self._te, self._vae = dit, text_encoder, vae
@@ -233,19 +251,36 @@ class ZImagePipeline:
                 f"--model '{root}' is not a folder. Give the diffusers-layout folder (with transformer/, "
                 "text_encoder/, tokenizer/, vae/), or use --transformer/--text-encoder/--vae for single files."
             )
-        missing = [n for n, v in (("--transformer", transformer), ("--text-encoder", text_encoder), ("--vae", vae))
-                   if v is None and root is None]
+        missing = [
+            n
+            for n, v in (("--transformer", transformer), ("--text-encoder", text_encoder), ("--vae", vae))
+            if v is None and root is None
+        ]
         if missing:
             raise ZImageError(f"no model given: pass --model DIR, or all of {', '.join(missing)}.")
         mode = str(parse_memory_mode(memory))
         sources = ModelSources(
-            transformer=Path(transformer or root), text_encoder=Path(text_encoder or root), vae=Path(vae or root),
-            tokenizer=tokenizer, dtype=wdtype, quant=quant or "none",
+            transformer=Path(transformer or root),
+            text_encoder=Path(text_encoder or root),
+            vae=Path(vae or root),
+            tokenizer=tokenizer,
+            dtype=wdtype,
+            quant=quant or "none",
             text_encoder_quant=(text_encoder_quant if text_encoder_quant is not None else quant) or "none",
             loras=[(load_lora(p), float(s)) for p, s in loras],
         )
-        pipe = cls(None, None, None, dev, memory=mode, offload_device=offload_device, sources=sources, lazy=lazy,
-                   attention=attention, compile=compile)
+        pipe = cls(
+            None,
+            None,
+            None,
+            dev,
+            memory=mode,
+            offload_device=offload_device,
+            sources=sources,
+            lazy=lazy,
+            attention=attention,
+            compile=compile,
+        )
         pipe._probe()  # every file checked (and sized) before anything heavy happens
         if not lazy:
             pipe._plan()
@@ -314,8 +349,10 @@ class ZImagePipeline:
 
     def _need_sources(self, what: str) -> ModelSources:
         if self.sources is None:
-            raise ZImageError(f"the pipeline has no {what} (it was released or never given) and no file to load "
-                              "it from; build it with ZImagePipeline.load(...).")
+            raise ZImageError(
+                f"the pipeline has no {what} (it was released or never given) and no file to load "
+                "it from; build it with ZImagePipeline.load(...)."
+            )
         return self.sources
 
     def _target(self, component: str) -> torch.device:
@@ -331,8 +368,12 @@ class ZImagePipeline:
         from .memory import check_quant
 
         src = self._need_sources("diffusion model")
-        dit = load_dit(src.transformer, dtype=src.dtype, device=self._target("dit"),
-                       **check_quant(load_dit, src.quant, "diffusion model"))
+        dit = load_dit(
+            src.transformer,
+            dtype=src.dtype,
+            device=self._target("dit"),
+            **check_quant(load_dit, src.quant, "diffusion model"),
+        )
         self.attention_backend = set_attention(dit, self.attention, device=self.device)
         if src.loras:
             from .lora import apply_loras
@@ -350,9 +391,13 @@ class ZImagePipeline:
         from .text_encoder import TextEncoder
 
         src = self.sources
-        return TextEncoder.load(src.text_encoder, tokenizer=src.tokenizer, dtype=src.dtype,
-                                device=self._target("text_encoder"),
-                                **check_quant(TextEncoder.load, src.text_encoder_quant, "text encoder"))
+        return TextEncoder.load(
+            src.text_encoder,
+            tokenizer=src.tokenizer,
+            dtype=src.dtype,
+            device=self._target("text_encoder"),
+            **check_quant(TextEncoder.load, src.text_encoder_quant, "text encoder"),
+        )
 
     def _load_vae(self):
         from .vae import load_vae
@@ -376,15 +421,17 @@ class ZImagePipeline:
             return None
         work = work or self._work or Workload()
         te = self._te if self._te is not None and self._te.loaded else None
-        sizes, vae_cfg = component_sizes(self._dit, te, self._vae, self._estimates, work,
-                                         self.sources.dtype if self.sources else torch.float32)
+        sizes, vae_cfg = component_sizes(
+            self._dit, te, self._vae, self._estimates, work, self.sources.dtype if self.sources else torch.float32
+        )
         if "dit" not in sizes:  # not loaded and not sized (GGUF): plan the other stages without it
             from .memory import ComponentSize
 
             sizes["dit"] = ComponentSize(0)
         resident = sum(on_device_bytes(m, self.device) for m in (self._dit, self._vae, te and te.model))
-        return self.residency.make_plan(sizes["dit"], sizes.get("text_encoder"), sizes.get("vae"), work,
-                                        vae_cfg=vae_cfg, resident=resident)
+        return self.residency.make_plan(
+            sizes["dit"], sizes.get("text_encoder"), sizes.get("vae"), work, vae_cfg=vae_cfg, resident=resident
+        )
 
     def _vae_home(self) -> torch.device:
         plan = self.residency.plan if self.residency is not None else None
@@ -440,8 +487,10 @@ class ZImagePipeline:
             from .memory import Workload
 
             tokens = max(int(c.shape[0]) for c in list(cond) + list(uncond or []))
-            self._plan(self._work or Workload(w * VAE_DOWNSCALE, h * VAE_DOWNSCALE, b,
-                                              uncond is not None and opts.cfg > 1.0, tokens))
+            self._plan(
+                self._work
+                or Workload(w * VAE_DOWNSCALE, h * VAE_DOWNSCALE, b, uncond is not None and opts.cfg > 1.0, tokens)
+            )
             if self._te is not None and self._te.loaded and res.plan.offload_text_encoder:
                 res.park_text_encoder(self._te)
             if self._vae is not None and res.plan.mode != "full":
@@ -515,6 +564,7 @@ class ZImagePipeline:
 
     def encode_image(self, pixels: torch.Tensor, tile: int | str | None = "auto") -> torch.Tensor:
         """Pixels ``[B, 3, H, W]`` in [-1, 1] -> model-space latents (the posterior mean), float32."""
+
         def run(vae, planned):
             use = planned if tile == "auto" and planned not in (None, "auto") else tile
             return vae.encode(pixels.to(self.device), tile=use)

@@ -37,8 +37,13 @@ from .tokenizer import find_tokenizer, load_tokenizer
 from .weights import WeightSource, materialize
 
 __all__ = [
-    "ZIMAGE_TEMPLATE", "EncodeResult", "TextEncoder", "find_tokenizer", "format_prompt",
-    "infer_text_encoder_config", "qwen3_weight_view",
+    "ZIMAGE_TEMPLATE",
+    "EncodeResult",
+    "TextEncoder",
+    "find_tokenizer",
+    "format_prompt",
+    "infer_text_encoder_config",
+    "qwen3_weight_view",
 ]
 
 log = logging.getLogger(__name__)
@@ -70,9 +75,9 @@ def _normalise_key(key: str, prefix: str) -> str | None:
     if prefix:
         if not key.startswith(prefix):
             return None
-        key = key[len(prefix):]
+        key = key[len(prefix) :]
     if key.startswith("model."):
-        key = key[len("model."):]
+        key = key[len("model.") :]
     return key if key.startswith(_KEPT_ROOTS) else None  # lm_head, logit_scale, markers: hidden
 
 
@@ -80,7 +85,11 @@ def _describe(keys: list[str]) -> str:
     from .checkpoints import describe_wrong_file  # lazy: checkpoints is the DiT's module
 
     stripped = {k.removeprefix("model.diffusion_model.") for k in keys}
-    if "cap_embedder.1.weight" in stripped or "x_embedder.weight" in stripped or "all_x_embedder.2-1.weight" in stripped:
+    if (
+        "cap_embedder.1.weight" in stripped
+        or "x_embedder.weight" in stripped
+        or "all_x_embedder.2-1.weight" in stripped
+    ):
         return "expected the Qwen3-4B text encoder, but the file holds a Z-Image/Lumina diffusion model (DiT)."
     return describe_wrong_file(keys, "the Qwen3-4B text encoder")
 
@@ -105,7 +114,9 @@ def qwen3_weight_view(src: WeightSource, where: str | os.PathLike = "") -> Weigh
     raise CheckpointError(f"text encoder: '{where}': {_describe(raw)} " + TE_HELP)
 
 
-def infer_text_encoder_config(shapes: Mapping[str, tuple[int, ...]], hf_config: Mapping | None = None) -> TextEncoderConfig:
+def infer_text_encoder_config(
+    shapes: Mapping[str, tuple[int, ...]], hf_config: Mapping | None = None
+) -> TextEncoderConfig:
     """Qwen3 sizes from normalised tensor shapes; rope/eps/positions/layer count from an HF config.json if given."""
     try:
         vocab, hidden = shapes["embed_tokens.weight"]
@@ -114,18 +125,28 @@ def infer_text_encoder_config(shapes: Mapping[str, tuple[int, ...]], hf_config: 
         kv_rows = shapes["layers.0.self_attn.k_proj.weight"][0]
         inter = shapes["layers.0.mlp.gate_proj.weight"][0]
     except KeyError as e:
-        raise CheckpointError(f"text encoder: the checkpoint lacks tensor {e}; the file is truncated or not Qwen3.") from e
+        raise CheckpointError(
+            f"text encoder: the checkpoint lacks tensor {e}; the file is truncated or not Qwen3."
+        ) from e
     if q_rows % head_dim or kv_rows % head_dim:
-        raise CheckpointError(f"text encoder: q/k projections ({q_rows}, {kv_rows} rows) do not fit head_dim {head_dim}.")
+        raise CheckpointError(
+            f"text encoder: q/k projections ({q_rows}, {kv_rows} rows) do not fit head_dim {head_dim}."
+        )
     layer_ids = {int(m.group(1)) for k in shapes if (m := re.match(r"layers\.(\d+)\.", k))}
     f = dict(
-        hidden_size=hidden, vocab_size=vocab, n_layers=max(layer_ids) + 1, n_heads=q_rows // head_dim,
-        n_kv_heads=kv_rows // head_dim, head_dim=head_dim, intermediate_size=inter,
+        hidden_size=hidden,
+        vocab_size=vocab,
+        n_layers=max(layer_ids) + 1,
+        n_heads=q_rows // head_dim,
+        n_kv_heads=kv_rows // head_dim,
+        head_dim=head_dim,
+        intermediate_size=inter,
     )
     hf = dict(hf_config or {})
     rope = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta")
     for ours, value, kind in (
-        ("rope_theta", rope, float), ("rms_norm_eps", hf.get("rms_norm_eps"), float),
+        ("rope_theta", rope, float),
+        ("rms_norm_eps", hf.get("rms_norm_eps"), float),
         ("max_position_embeddings", hf.get("max_position_embeddings"), int),
         ("n_layers", hf.get("num_hidden_layers"), int),
     ):
@@ -150,10 +171,19 @@ def build_qwen3(cfg: TextEncoderConfig, n_layers: int):
     from transformers import Qwen3Config, Qwen3Model
 
     kw = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
-        attention_bias=False, use_cache=False, tie_word_embeddings=False, use_sliding_window=False,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.rms_norm_eps,
+        max_position_embeddings=cfg.max_position_embeddings,
+        attention_bias=False,
+        use_cache=False,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
     )
     if "rope_parameters" in inspect.signature(Qwen3Config.__init__).parameters:  # transformers >= 5
         kw["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
@@ -188,8 +218,14 @@ def _weight_getters(view: WeightSource, n_run: int, where, skip: frozenset | set
             continue  # the last layer(s), the final norm
         if k.endswith(_SCALE_SUFFIXES + _QUANT_AUX_SUFFIXES):
             continue
-        scale = next((k[: -len(".weight")] + s for s in _SCALE_SUFFIXES
-                      if k.endswith(".weight") and k[: -len(".weight")] + s in view), None)
+        scale = next(
+            (
+                k[: -len(".weight")] + s
+                for s in _SCALE_SUFFIXES
+                if k.endswith(".weight") and k[: -len(".weight")] + s in view
+            ),
+            None,
+        )
         if scale is None:
             getters[k] = partial(view.__getitem__, k)
         elif view.dtype_name(k) in _FP8_DTYPES and k[: -len(".weight")] + ".weight_scale_2" not in view:
@@ -288,11 +324,20 @@ class TextEncoder:
         getters = _weight_getters(view, n_run, p, skip=qload.text_encoder_quantized_keys(view, n_run))
         getters.update({n: (lambda b=b: b) for n, b in buffers.items()})
         qload.prepare_text_encoder(model, view, n_run, getters, dtype, device, mode)
-        materialize(model, getters, dtype, device, keep_dtype=lambda n: n.startswith("rotary_emb."), what="text encoder")
+        materialize(
+            model, getters, dtype, device, keep_dtype=lambda n: n.startswith("rotary_emb."), what="text encoder"
+        )
         model.eval().requires_grad_(False)
         log.info(
             "text encoder: Qwen3 hidden %d, %d layers (%d run), %d heads / %d kv, from '%s' as %s on %s",
-            cfg.hidden_size, cfg.n_layers, n_run, cfg.n_heads, cfg.n_kv_heads, p, dtype, device,
+            cfg.hidden_size,
+            cfg.n_layers,
+            n_run,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            p,
+            dtype,
+            device,
         )
         encoder = cls(model, tokenizer, cfg)
         encoder.source = weights
@@ -336,15 +381,17 @@ class TextEncoder:
     def clear_cache(self) -> None:
         self._cache.clear()
 
-    def cached(self, prompts: list[str] | str, max_length: int | None = 512,
-               template: str | None = ZIMAGE_TEMPLATE) -> bool:
+    def cached(
+        self, prompts: list[str] | str, max_length: int | None = 512, template: str | None = ZIMAGE_TEMPLATE
+    ) -> bool:
         """True when every prompt's embedding is cached, so encoding them needs no model (nor moving it)."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
         return all((p, max_length, template) in self._cache for p in prompts)
 
     # ---- encoding ------------------------------------------------------------------------
-    def tokenize(self, prompt: str, max_length: int | None = 512,
-                 template: str | None = ZIMAGE_TEMPLATE) -> tuple[list[int], int]:
+    def tokenize(
+        self, prompt: str, max_length: int | None = 512, template: str | None = ZIMAGE_TEMPLATE
+    ) -> tuple[list[int], int]:
         """Token ids of the templated prompt, truncated like diffusers, and the number of tokens cut.
 
         ``template`` has a ``{prompt}`` slot; None tokenizes ``prompt`` exactly as given (the Omni caption
@@ -366,13 +413,15 @@ class TextEncoder:
             )
         return ids, cut
 
-    def encode(self, prompts: list[str] | str, max_length: int | None = 512,
-               template: str | None = ZIMAGE_TEMPLATE) -> list[torch.Tensor]:
+    def encode(
+        self, prompts: list[str] | str, max_length: int | None = 512, template: str | None = ZIMAGE_TEMPLATE
+    ) -> list[torch.Tensor]:
         """One ``[L_i, hidden]`` embedding per prompt (see :meth:`encode_detailed`)."""
         return self.encode_detailed(prompts, max_length, template=template).embeddings
 
-    def encode_detailed(self, prompts: list[str] | str, max_length: int | None = 512,
-                        template: str | None = ZIMAGE_TEMPLATE) -> EncodeResult:
+    def encode_detailed(
+        self, prompts: list[str] | str, max_length: int | None = 512, template: str | None = ZIMAGE_TEMPLATE
+    ) -> EncodeResult:
         """Encode ``prompts``; ``max_length=None`` means no limit (ComfyUI), 512 is diffusers' default.
 
         Unchanged prompts come from the cache. Truncation is logged as a warning with the number
@@ -397,7 +446,7 @@ class TextEncoder:
             tokens = {p: self.tokenize(p, max_length, template) for p in todo}
             todo.sort(key=lambda p: len(tokens[p][0]))  # similar lengths share a batch: little padding
             for i in range(0, len(todo), max(1, self.batch_size)):
-                chunk = todo[i: i + max(1, self.batch_size)]
+                chunk = todo[i : i + max(1, self.batch_size)]
                 for p, emb in zip(chunk, self._run([tokens[p][0] for p in chunk])):
                     found[p] = (emb, len(tokens[p][0]), tokens[p][1])
                     self._cache[(p, max_length, template)] = found[p]
@@ -409,7 +458,10 @@ class TextEncoder:
                 log.warning(
                     "prompt '%s' is %d tokens long with the template; the last %d tokens were cut to fit "
                     "max_length=%d (as diffusers does). Shorten the prompt or raise the max length.",
-                    short, n + cut, cut, max_length,
+                    short,
+                    n + cut,
+                    cut,
+                    max_length,
                 )
         result = EncodeResult(
             embeddings=[found[p][0].clone() for p in prompts],

@@ -251,7 +251,9 @@ class FluxVAE(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         if any(c % config.norm_num_groups for c in config.block_out_channels):
-            raise ValueError(f"block_out_channels {config.block_out_channels} not divisible by {config.norm_num_groups}")
+            raise ValueError(
+                f"block_out_channels {config.block_out_channels} not divisible by {config.norm_num_groups}"
+            )
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
@@ -309,7 +311,9 @@ class FluxVAE(nn.Module):
         noise = _randn(tuple(mean.shape), generator, mean.device, mean.dtype)
         return (mean + torch.exp(0.5 * logvar) * noise).float()
 
-    def encode(self, x: torch.Tensor, sample: bool = False, generator: Generators = None, tile: Tile = None) -> torch.Tensor:
+    def encode(
+        self, x: torch.Tensor, sample: bool = False, generator: Generators = None, tile: Tile = None
+    ) -> torch.Tensor:
         """Pixels in [-1, 1] -> model-space latents ``(raw - shift) * scale``, float32."""
         raw = self.encode_raw(x, sample=sample, generator=generator, tile=tile)
         return to_model_space(raw, self.config.scaling_factor, self.config.shift_factor)
@@ -356,8 +360,13 @@ VAE_KEY_TABLE: tuple[tuple[str, str], ...] = (
     ("{m}.mid_block.attentions.0.to_out.0.{p}", "{m}.mid.attn_1.proj_out.{p}"),
 )
 _PLACEHOLDERS = {
-    "m": "encoder|decoder", "i": r"\d+", "j": r"\d+", "u": r"\d+", "k": r"\d+",
-    "r": "norm1|conv1|norm2|conv2", "p": "weight|bias",
+    "m": "encoder|decoder",
+    "i": r"\d+",
+    "j": r"\d+",
+    "u": r"\d+",
+    "k": r"\d+",
+    "r": "norm1|conv1|norm2|conv2",
+    "p": "weight|bias",
 }
 # BFL attention projections: 1x1 conv weights [C, C, 1, 1]; diffusers stores them as linear [C, C].
 ATTN_PROJ_WEIGHT = re.compile(r"^(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
@@ -447,17 +456,27 @@ def vae_config_from_shapes(shapes: Mapping[str, tuple[int, ...]], **overrides) -
     n = count_levels(shapes)
     try:
         channels = tuple(shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(n))
-        lpb = len({m.group(1) for k in shapes if (m := re.match(r"^encoder\.down\.0\.block\.(\d+)\.conv1\.weight$", k))})
+        lpb = len(
+            {m.group(1) for k in shapes if (m := re.match(r"^encoder\.down\.0\.block\.(\d+)\.conv1\.weight$", k))}
+        )
         latent = shapes["decoder.conv_in.weight"][1]
         enc_out = shapes["encoder.conv_out.weight"][0]
         cfg = VAEConfig(
-            in_channels=shapes["encoder.conv_in.weight"][1], out_channels=shapes["decoder.conv_out.weight"][0],
-            latent_channels=latent, block_out_channels=channels, layers_per_block=lpb, **overrides,
+            in_channels=shapes["encoder.conv_in.weight"][1],
+            out_channels=shapes["decoder.conv_out.weight"][0],
+            latent_channels=latent,
+            block_out_channels=channels,
+            layers_per_block=lpb,
+            **overrides,
         )
     except (KeyError, IndexError) as e:
-        raise CheckpointError(f"VAE: the weights lack {e}; the file is incomplete or not a Flux VAE. {EXPECTED_FILE_HINT}") from e
+        raise CheckpointError(
+            f"VAE: the weights lack {e}; the file is incomplete or not a Flux VAE. {EXPECTED_FILE_HINT}"
+        ) from e
     if n < 1 or enc_out != 2 * latent:
-        raise CheckpointError(f"VAE: encoder outputs {enc_out} channels for {latent} latent channels. {EXPECTED_FILE_HINT}")
+        raise CheckpointError(
+            f"VAE: encoder outputs {enc_out} channels for {latent} latent channels. {EXPECTED_FILE_HINT}"
+        )
     if any(c % cfg.norm_num_groups for c in channels):
         raise CheckpointError(f"VAE: widths {channels} are not divisible by {cfg.norm_num_groups} norm groups.")
     return cfg
@@ -466,8 +485,20 @@ def vae_config_from_shapes(shapes: Mapping[str, tuple[int, ...]], **overrides) -
 def _describe(keys: list[str]) -> str:
     """A short guess at what a checkpoint that is not a Flux VAE holds."""
     joined = "\n".join(keys)
-    if any(s in joined for s in ("attention.qkv", "x_embedder", "cap_embedder", "noise_refiner", "context_refiner",
-                                 "model.diffusion_model.", "double_blocks.", "single_blocks.", "adaLN_modulation")):
+    if any(
+        s in joined
+        for s in (
+            "attention.qkv",
+            "x_embedder",
+            "cap_embedder",
+            "noise_refiner",
+            "context_refiner",
+            "model.diffusion_model.",
+            "double_blocks.",
+            "single_blocks.",
+            "adaLN_modulation",
+        )
+    ):
         return "a diffusion transformer (DiT / UNet) checkpoint"
     if any(s in joined for s in ("embed_tokens", "self_attn.", "text_encoders.", "text_model.", "encoder.block.")):
         return "a text encoder checkpoint"
@@ -499,7 +530,7 @@ def _bfl_view(src: WeightSource, where: Path) -> tuple[WeightSource, str]:
     keys = list(src)
     for prefix in ("vae.", "first_stage_model."):
         if any(k.startswith((prefix + "encoder.", prefix + "decoder.")) for k in keys):
-            src = src.renamed(lambda k, p=prefix: k[len(p):] if k.startswith(p) else None)
+            src = src.renamed(lambda k, p=prefix: k[len(p) :] if k.startswith(p) else None)
             keys = list(src)
             break
     if any(k.startswith(("quant_conv.", "post_quant_conv.")) for k in keys):
@@ -507,7 +538,9 @@ def _bfl_view(src: WeightSource, where: Path) -> tuple[WeightSource, str]:
             f"VAE: '{where}' holds an SD-style VAE (it has quant_conv), not the Flux VAE. {EXPECTED_FILE_HINT}"
         )
     if "encoder.conv_in.weight" not in keys or "decoder.conv_in.weight" not in keys:
-        raise CheckpointError(f"VAE: '{where}' is not a VAE; it looks like {_describe(sorted(keys))}. {EXPECTED_FILE_HINT}")
+        raise CheckpointError(
+            f"VAE: '{where}' is not a VAE; it looks like {_describe(sorted(keys))}. {EXPECTED_FILE_HINT}"
+        )
     if any(".down_blocks." in k or ".up_blocks." in k or ".mid_block." in k for k in keys):
         n = count_levels(keys)
         return src.renamed(lambda k: diffusers_to_bfl_key(k, n) or k), "diffusers"
@@ -541,7 +574,9 @@ def load_vae(
 
     materialize(vae, {k: getter(k) for k in src}, dtype, device, what=f"VAE '{p}'")
     vae.eval()
-    log.info("Loaded Flux VAE from %s (%s layout, widths %s, %s on %s)", p, layout, cfg.block_out_channels, dtype, device)
+    log.info(
+        "Loaded Flux VAE from %s (%s layout, widths %s, %s on %s)", p, layout, cfg.block_out_channels, dtype, device
+    )
     return vae
 
 

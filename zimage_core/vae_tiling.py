@@ -107,7 +107,9 @@ def tiled_map(
     rows = tile_spans(x.shape[-2], tile_in, overlap_in)
     cols = tile_spans(x.shape[-1], tile_in, overlap_in)
     out_h, out_w = round(x.shape[-2] * scale), round(x.shape[-1] * scale)
-    log.debug("VAE tiling %dx%d input into %dx%d tiles of %d px", x.shape[-1], x.shape[-2], len(cols), len(rows), tile_px)
+    log.debug(
+        "VAE tiling %dx%d input into %dx%d tiles of %d px", x.shape[-1], x.shape[-2], len(cols), len(rows), tile_px
+    )
     acc: torch.Tensor | None = None
     wsum = torch.zeros(out_h, out_w, device=x.device)
     for r, (r0, r1) in enumerate(rows):

@@ -42,8 +42,17 @@ _PREFIXES = ("model.", "siglip.", "siglip_model.", "vision_tower.", "visual.", "
 _ROOTS = ("embeddings.", "encoder.", "post_layernorm.")
 # Heads of the published SigLIP2 towers by hidden size (the checkpoint does not store it).
 _KNOWN_HEADS = {768: 12, 1024: 16, 1152: 16, 1536: 16}
-_PROCESSOR_KEYS = ("patch_size", "max_num_patches", "image_mean", "image_std", "resample", "rescale_factor",
-                   "do_resize", "do_rescale", "do_normalize")
+_PROCESSOR_KEYS = (
+    "patch_size",
+    "max_num_patches",
+    "image_mean",
+    "image_std",
+    "resample",
+    "rescale_factor",
+    "do_resize",
+    "do_rescale",
+    "do_normalize",
+)
 
 
 def _canonical(key: str) -> str | None:
@@ -53,7 +62,7 @@ def _canonical(key: str) -> str | None:
         changed = False
         for p in _PREFIXES:
             if key.startswith(p):
-                key, changed = key[len(p):], True
+                key, changed = key[len(p) :], True
     return key if key.startswith(_ROOTS) else None  # text tower, logit scale, pooling head: not used
 
 
@@ -69,8 +78,9 @@ def infer_vision_config(shapes: dict[str, tuple[int, ...]], hf: dict | None = No
         n_pos = shapes["embeddings.position_embedding.weight"][0]
         inter = shapes["encoder.layers.0.mlp.fc1.weight"][0]
     except KeyError as e:
-        raise CheckpointError(f"vision encoder: the weights lack {e}; this is not a SigLIP2 vision tower. "
-                              + SIGLIP_HELP) from e
+        raise CheckpointError(
+            f"vision encoder: the weights lack {e}; this is not a SigLIP2 vision tower. " + SIGLIP_HELP
+        ) from e
     if len(shapes["embeddings.patch_embedding.weight"]) != 2:
         raise CheckpointError(
             "vision encoder: this is a fixed-resolution SigLIP/CLIP tower (convolutional patch embedding); Z-Image "
@@ -87,12 +97,18 @@ def infer_vision_config(shapes: dict[str, tuple[int, ...]], hf: dict | None = No
             f"vision encoder: cannot tell the number of attention heads of a {hidden}-wide tower from its tensors; "
             "put the model's config.json next to the file."
         )
-    if int(n_pos ** 0.5) ** 2 != n_pos:
+    if int(n_pos**0.5) ** 2 != n_pos:
         raise CheckpointError(f"vision encoder: {n_pos} position embeddings do not form a square grid.")
     return Siglip2VisionConfig(
-        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=int(heads),
-        num_channels=channels, patch_size=patch, num_patches=n_pos,
-        hidden_act=hf.get("hidden_act", "gelu_pytorch_tanh"), layer_norm_eps=float(hf.get("layer_norm_eps", 1e-6)),
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=int(heads),
+        num_channels=channels,
+        patch_size=patch,
+        num_patches=n_pos,
+        hidden_act=hf.get("hidden_act", "gelu_pytorch_tanh"),
+        layer_norm_eps=float(hf.get("layer_norm_eps", 1e-6)),
         vision_use_head=False,
     )
 
@@ -149,8 +165,9 @@ class VisionEncoder:
         self.source = source
 
     @classmethod
-    def load(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-             device: torch.device | str = "cpu") -> VisionEncoder:
+    def load(
+        cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> VisionEncoder:
         from transformers import Siglip2VisionModel
 
         p = Path(path).expanduser()
@@ -173,11 +190,18 @@ class VisionEncoder:
         for k in view:
             if k not in by_canonical:
                 continue  # e.g. the pooling head
-            getters[by_canonical[k]] = (lambda k=k: view[k])
+            getters[by_canonical[k]] = lambda k=k: view[k]
         materialize(model, getters, dtype, device, what="vision encoder")
         model.eval().requires_grad_(False)
-        log.info("vision encoder: SigLIP2 hidden %d, %d layers, patch %d, from '%s' as %s on %s",
-                 cfg.hidden_size, cfg.num_hidden_layers, cfg.patch_size, p, dtype, device)
+        log.info(
+            "vision encoder: SigLIP2 hidden %d, %d layers, patch %d, from '%s' as %s on %s",
+            cfg.hidden_size,
+            cfg.num_hidden_layers,
+            cfg.patch_size,
+            p,
+            dtype,
+            device,
+        )
         return cls(model, make_processor(pre, cfg.patch_size), source=weights)
 
     @property

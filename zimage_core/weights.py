@@ -61,9 +61,18 @@ def resolve_weight_files(path: str | os.PathLike, what: str = "weights") -> list
 
 
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -79,7 +88,9 @@ class _File:
                     raise ValueError("bad header length")
                 header = json.loads(f.read(n))
         except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{what}: cannot read '{path}' as safetensors ({e}). Is the download complete?") from e
+            raise CheckpointError(
+                f"{what}: cannot read '{path}' as safetensors ({e}). Is the download complete?"
+            ) from e
         self.metadata = header.pop("__metadata__", None) or {}
         self.base = 8 + n
         self.entries = header
@@ -218,8 +229,9 @@ def materialize(
         )
     from tqdm.auto import tqdm
 
-    for name, getter in tqdm(tensors.items(), total=len(tensors), desc=f"loading {what}", unit="tensor",
-                             disable=None, leave=False):
+    for name, getter in tqdm(
+        tensors.items(), total=len(tensors), desc=f"loading {what}", unit="tensor", disable=None, leave=False
+    ):
         t = getter()
         target = expected[name]
         if tuple(t.shape) != tuple(target.shape):
@@ -242,7 +254,9 @@ def _short(keys: list[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None
+) -> None:
     """Write ``tensors`` atomically: a crash never leaves a half-written file at ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -39,10 +39,22 @@ def usable(conv: nn.Module, x: torch.Tensor, min_channels: int | None = None) ->
     if type(conv) is not nn.Conv2d or conv._forward_hooks or conv._forward_pre_hooks:
         return False
     if (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode) != (
-            (3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros"):
+        (3, 3),
+        (1, 1),
+        (1, 1),
+        (1, 1),
+        1,
+        "zeros",
+    ):
         return False
-    if x.ndim != 4 or x.dtype != torch.float32 or conv.weight.dtype != x.dtype or x.device.type != "cpu" \
-            or conv.weight.device.type != "cpu" or conv.in_channels < (MIN_CHANNELS if min_channels is None else min_channels):
+    if (
+        x.ndim != 4
+        or x.dtype != torch.float32
+        or conv.weight.dtype != x.dtype
+        or x.device.type != "cpu"
+        or conv.weight.device.type != "cpu"
+        or conv.in_channels < (MIN_CHANNELS if min_channels is None else min_channels)
+    ):
         return False
     if x.shape[2] % 2 or x.shape[3] % 2 or not x.is_contiguous(memory_format=torch.channels_last):
         return False
@@ -140,8 +152,8 @@ class _Band:
         if lo > r0:
             pad[:, : lo - r0].zero_()
         if hi < r1:
-            pad[:, hi - r0:].zero_()
-        self._rows(pad[:, lo - r0: hi - r0, 1: w + 1], lo, hi)
+            pad[:, hi - r0 :].zero_()
+        self._rows(pad[:, lo - r0 : hi - r0, 1 : w + 1], lo, hi)
         s_n, s_h, s_w, _ = pad.stride()
         d = pad.as_strided((n, rb, tw, 4, 4, c), (s_n, 2 * s_h, 2 * s_w, s_h, s_w, 1))  # 4x4 tiles, stride 2
 
@@ -153,15 +165,17 @@ class _Band:
 
         # the 16 products as matrix multiplications; the bias rides on the (1, 1) term, which A^T . A adds
         # exactly once into each of the four outputs of a tile
-        m = [self.op(v[i], self.u[i], self.bias if i == 5 else None, "none", [], "").view(n, rb, tw, co)
-             for i in range(16)]
+        m = [
+            self.op(v[i], self.u[i], self.bias if i == 5 else None, "none", [], "").view(n, rb, tw, co)
+            for i in range(16)
+        ]
 
         # output transform A^T M A, A^T = [[1, 1, 1, 0], [0, 1, -1, -1]], into the output's 2x2 blocks
         r = self.r[:, :, :, :rb]
         for col in range(4):
             torch.add(m[col], m[4 + col], out=r[0, col]).add_(m[8 + col])
             torch.sub(m[4 + col], m[8 + col], out=r[1, col]).sub_(m[12 + col])
-        blocks = dst[:, 2 * a: 2 * b].view(n, rb, 2, tw, 2, co)
+        blocks = dst[:, 2 * a : 2 * b].view(n, rb, 2, tw, 2, co)
         for i in range(2):
             torch.add(r[i, 0], r[i, 1], out=blocks[:, :, i, :, 0]).add_(r[i, 2])
             torch.sub(r[i, 1], r[i, 2], out=blocks[:, :, i, :, 1]).sub_(r[i, 3])

@@ -50,8 +50,9 @@ class Server:
         return json.loads(data) if data[:1] in (b"{", b"[") else data
 
     def post(self, path: str, body: dict | None = None) -> tuple[int, dict]:
-        req = urllib.request.Request(self.base + path, data=json.dumps(body or {}).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.base + path, data=json.dumps(body or {}).encode(), headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 data = r.read()
@@ -104,7 +105,9 @@ def server(tmp_path_factory):
     save_bfl_vae(make_diffusers_vae(VAEConfig(), seed=3), models / "vae" / "ae.safetensors")
     dit = load_dit(tiny.transformer, dtype="fp32")
     save_safetensors(C.peft_lora(dit, ["layers.0.attention.to_q"], seed=1), models / "loras" / "style_lora.safetensors")
-    save_safetensors(C.peft_lora(dit, ["layers.1.feed_forward.w1"], seed=2), models / "loras" / "detail_lora.safetensors")
+    save_safetensors(
+        C.peft_lora(dit, ["layers.1.feed_forward.w1"], seed=2), models / "loras" / "detail_lora.safetensors"
+    )
     nodes_dir = tmp / "custom_nodes"
     nodes_dir.mkdir()
     (nodes_dir / "zimage").symlink_to(ROOT, target_is_directory=True)
@@ -115,16 +118,43 @@ def server(tmp_path_factory):
     rgba[8:40, 24:56, 3] = 0
     Image.fromarray(rgba, "RGBA").save(tmp / "input" / "example.png")
     yaml = tmp / "extra_model_paths.yaml"
-    yaml.write_text("zimage_test:\n" + f"    base_path: {tmp}\n" + "".join(
-        f"    {k}: models/{k}\n" for k in ("diffusion_models", "text_encoders", "vae", "loras", "clip_vision"))
-        + "    custom_nodes: custom_nodes\n")
+    yaml.write_text(
+        "zimage_test:\n"
+        + f"    base_path: {tmp}\n"
+        + "".join(
+            f"    {k}: models/{k}\n" for k in ("diffusion_models", "text_encoders", "vae", "loras", "clip_vision")
+        )
+        + "    custom_nodes: custom_nodes\n"
+    )
     port = free_port()
     log = tmp / "comfyui.log"
-    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--extra-model-paths-config", str(yaml), "--disable-all-custom-nodes", "--whitelist-custom-nodes", "zimage",
-           "--output-directory", str(tmp / "output"), "--input-directory", str(tmp / "input"),
-           "--temp-directory", str(tmp / "temp"), "--user-directory", str(tmp / "user"), "--preview-method", "auto",
-           "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
+    cmd = [
+        sys.executable,
+        "main.py",
+        "--cpu",
+        "--listen",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--extra-model-paths-config",
+        str(yaml),
+        "--disable-all-custom-nodes",
+        "--whitelist-custom-nodes",
+        "zimage",
+        "--output-directory",
+        str(tmp / "output"),
+        "--input-directory",
+        str(tmp / "input"),
+        "--temp-directory",
+        str(tmp / "temp"),
+        "--user-directory",
+        str(tmp / "user"),
+        "--preview-method",
+        "auto",
+        "--database-url",
+        "sqlite:///:memory:",
+        "--disable-auto-launch",
+    ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=COMFYUI, stdout=out, stderr=subprocess.STDOUT)
     srv = Server(f"http://127.0.0.1:{port}", proc, log)
@@ -156,8 +186,11 @@ def input_types(info: dict, node_type: str) -> dict:
     """A node's ``INPUT_TYPES()`` as the server reports it in ``/object_info``, in its declared order."""
     spec = info[node_type]
     order = spec.get("input_order") or {k: list(v) for k, v in spec["input"].items()}
-    return {section: {name: spec["input"][section][name] for name in names} for section, names in order.items()
-            if section in ("required", "optional")}
+    return {
+        section: {name: spec["input"][section][name] for name in names}
+        for section, names in order.items()
+        if section in ("required", "optional")
+    }
 
 
 def to_api(workflow: dict, info: dict) -> dict:
@@ -200,8 +233,9 @@ def test_object_info_lists_every_node(server):
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_workflow_runs_in_comfyui(server, path):
     h = server.run(api(server, path.name))
-    assert h["status"]["status_str"] == "success", [(e["node_type"], e["exception_message"], e["traceback"][-3:])
-                                                     for e in messages(h, "execution_error")]
+    assert h["status"]["status_str"] == "success", [
+        (e["node_type"], e["exception_message"], e["traceback"][-3:]) for e in messages(h, "execution_error")
+    ]
     images = [img for out in h["outputs"].values() for img in out.get("images", [])]
     assert len(images) == 1
     png = server.get(f"/view?filename={images[0]['filename']}&subfolder={images[0]['subfolder']}&type=output")
@@ -223,12 +257,33 @@ def test_turbo_workflow_image_equals_the_cli(server):
     text = prompt[node_of(prompt, "ZImageTextEncode")]["inputs"]["text"]
     m = server.models
     out = server.tmp / "cli_turbo.png"
-    rc = cli_main(["generate", "--transformer", str(m / "diffusion_models" / "z_image_turbo_bf16.safetensors"),
-                   "--text-encoder", str(m / "text_encoders" / "qwen_3_4b.safetensors"),
-                   "--vae", str(m / "vae" / "ae.safetensors"),
-                   "--tokenizer", str(Path(COMFYUI) / "comfy" / "text_encoders" / "qwen25_tokenizer"),
-                   "--prompt", text, "--width", str(W), "--height", str(H), "--steps", "8", "--seed", "777",
-                   "--device", "cpu", "--out", str(out)])
+    rc = cli_main(
+        [
+            "generate",
+            "--transformer",
+            str(m / "diffusion_models" / "z_image_turbo_bf16.safetensors"),
+            "--text-encoder",
+            str(m / "text_encoders" / "qwen_3_4b.safetensors"),
+            "--vae",
+            str(m / "vae" / "ae.safetensors"),
+            "--tokenizer",
+            str(Path(COMFYUI) / "comfy" / "text_encoders" / "qwen25_tokenizer"),
+            "--prompt",
+            text,
+            "--width",
+            str(W),
+            "--height",
+            str(H),
+            "--steps",
+            "8",
+            "--seed",
+            "777",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     comfy = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
     cli = np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
@@ -262,8 +317,10 @@ def test_core_conditioning_nodes_work_on_ours(server):
     sid = node_of(prompt, "ZImageTurboSampler")
     pos = prompt[sid]["inputs"]["positive"]
     prompt["900"] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": pos}}
-    prompt["901"] = {"class_type": "ConditioningConcat", "inputs": {"conditioning_to": pos,
-                                                                     "conditioning_from": prompt[sid]["inputs"]["negative"]}}
+    prompt["901"] = {
+        "class_type": "ConditioningConcat",
+        "inputs": {"conditioning_to": pos, "conditioning_from": prompt[sid]["inputs"]["negative"]},
+    }
     prompt[sid]["inputs"].update(negative=["900", 0], positive=["901", 0])
     h = server.run(prompt)
     assert h["status"]["status_str"] == "success", [e["exception_message"] for e in messages(h, "execution_error")]

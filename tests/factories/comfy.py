@@ -60,8 +60,15 @@ def make_siglip2(hidden: int = 24, seed: int = 0):
     """A tiny random ``transformers.Siglip2VisionModel`` (NaFlex, patch 16, 4x4 position grid, no pooling head)."""
     from transformers import Siglip2VisionConfig, Siglip2VisionModel
 
-    cfg = Siglip2VisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                              num_attention_heads=2, patch_size=16, num_patches=16, vision_use_head=False)
+    cfg = Siglip2VisionConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        patch_size=16,
+        num_patches=16,
+        vision_use_head=False,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return Siglip2VisionModel(cfg).eval()
@@ -127,8 +134,13 @@ class EmptySD3LatentImage:
     @classmethod
     def INPUT_TYPES(cls):
         res = {"min": 16, "max": MAX_RESOLUTION, "step": 16}
-        return {"required": {"width": ("INT", {"default": 1024, **res}), "height": ("INT", {"default": 1024, **res}),
-                             "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096})}}
+        return {
+            "required": {
+                "width": ("INT", {"default": 1024, **res}),
+                "height": ("INT", {"default": 1024, **res}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096}),
+            }
+        }
 
     def generate(self, width, height, batch_size=1):
         return ({"samples": torch.zeros([batch_size, 16, height // 8, width // 8])},)
@@ -227,8 +239,10 @@ class SaveImage:
         return {"ui": {"images": results}}
 
 
-CORE_NODES = {c.__name__: c for c in (EmptySD3LatentImage, VAELoader, VAEDecode, VAEEncode, SetLatentNoiseMask,
-                                      LoadImage, SaveImage)}
+CORE_NODES = {
+    c.__name__: c
+    for c in (EmptySD3LatentImage, VAELoader, VAEDecode, VAEEncode, SetLatentNoiseMask, LoadImage, SaveImage)
+}
 
 
 def all_nodes() -> dict:
@@ -308,7 +322,9 @@ def specs_to_api(workflow: dict, input_types) -> dict:
                     continue
                 raise ValueError(f"node {node['id']} ({node['type']}): widgets_values has no value for '{name}'")
             if not _fits(spec, values[i]):
-                raise ValueError(f"node {node['id']} ({node['type']}): widget values do not fit: '{name}' got {values[i]!r}")
+                raise ValueError(
+                    f"node {node['id']} ({node['type']}): widget values do not fit: '{name}' got {values[i]!r}"
+                )
             inputs[name] = values[i]
             i += 1 + _extra_widget(name, spec)
         if i != len(values):
@@ -413,7 +429,9 @@ class Executor:
             results[nid] = out
         else:
             if not isinstance(out, tuple) or len(out) != len(cls.RETURN_TYPES):
-                raise PromptError(f"{node['class_type']} returned {type(out).__name__}, not a {len(cls.RETURN_TYPES)}-tuple")
+                raise PromptError(
+                    f"{node['class_type']} returned {type(out).__name__}, not a {len(cls.RETURN_TYPES)}-tuple"
+                )
             results[nid] = out
         self.executed.append(nid)
         self.cache[sig] = results[nid]

@@ -77,7 +77,9 @@ def _fused(spec: dict) -> dict:
             base = d[: -len("to_q")]
             parts = [spec[base + p] for p in QKV]
             out[_native(base + "qkv")] = (
-                torch.cat([p[0] for p in parts]), torch.block_diag(*[p[1] for p in parts]), 3 * alpha
+                torch.cat([p[0] for p in parts]),
+                torch.block_diag(*[p[1] for p in parts]),
+                3 * alpha,
             )
         else:
             out[_native(d)] = (down, up, alpha)
@@ -105,15 +107,21 @@ def peft_metadata(spec: dict) -> dict[str, str]:
     """diffusers' ``lora_adapter_metadata``: a common lora_alpha plus an alpha_pattern for the others."""
     alphas = [a for _, _, a in spec.values()]
     common = max(set(alphas), key=alphas.count)
-    meta = {"r": next(iter(spec.values()))[0].shape[0], "lora_alpha": common, "target_modules": sorted(spec),
-            "alpha_pattern": {f"^{k}": a for k, (_, _, a) in spec.items() if a != common}}
+    meta = {
+        "r": next(iter(spec.values()))[0].shape[0],
+        "lora_alpha": common,
+        "target_modules": sorted(spec),
+        "alpha_pattern": {f"^{k}": a for k, (_, _, a) in spec.items() if a != common},
+    }
     return {f"transformer.{k}": v for k, v in meta.items()}
 
 
 WRITERS = {
     "diffusers": lambda s: (_peft(s, lambda m: f"transformer.{m}"), None),
-    "diffusers-bare-alpha": lambda s: ({**_peft(s, lambda m: m, bake=False),
-                                        **{f"{m}.alpha": torch.tensor(a) for m, (_, _, a) in s.items()}}, None),
+    "diffusers-bare-alpha": lambda s: (
+        {**_peft(s, lambda m: m, bake=False), **{f"{m}.alpha": torch.tensor(a) for m, (_, _, a) in s.items()}},
+        None,
+    ),
     "diffusers-metadata": lambda s: (
         _peft(s, lambda m: f"transformer.{m}", bake=False),
         {"lora_adapter_metadata": json.dumps(peft_metadata(s))},
@@ -127,6 +135,11 @@ WRITERS = {
     "comfy-native": lambda s: (_kohya(_fused(s), lambda m: f"diffusion_model.{m}"), None),
     "comfy-diffusers-names": lambda s: (_kohya(s, lambda m: f"diffusion_model.{m}"), None),
     "lycoris": lambda s: (_kohya(s, lambda m: "lycoris_" + _under(m)), None),
-    "dot": lambda s: ({k.replace(".lora_down.", ".lora.down.").replace(".lora_up.", ".lora.up."): v
-                       for k, v in _kohya(s, lambda m: m.replace(".to_q", ".to.q")).items()}, None),
+    "dot": lambda s: (
+        {
+            k.replace(".lora_down.", ".lora.down.").replace(".lora_up.", ".lora.up."): v
+            for k, v in _kohya(s, lambda m: m.replace(".to_q", ".to.q")).items()
+        },
+        None,
+    ),
 }

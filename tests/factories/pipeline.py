@@ -47,8 +47,13 @@ def load_tokenizer():
     return tok
 
 
-def build_tiny_model(folder: Path, seed: int = 0, dit_cfg: DiTConfig | None = None,
-                     te_cfg: TextEncoderConfig | None = None, vae_cfg: VAEConfig | None = None) -> TinyModel:
+def build_tiny_model(
+    folder: Path,
+    seed: int = 0,
+    dit_cfg: DiTConfig | None = None,
+    te_cfg: TextEncoderConfig | None = None,
+    vae_cfg: VAEConfig | None = None,
+) -> TinyModel:
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
     te_cfg = te_cfg or TextEncoderConfig.tiny()

@@ -20,11 +20,21 @@ def hf_config(cfg: TextEncoderConfig):
     from transformers import Qwen3Config
 
     return Qwen3Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, attention_bias=False,
-        tie_word_embeddings=True, use_sliding_window=False, bos_token_id=151643, eos_token_id=151645,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.rms_norm_eps,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        attention_bias=False,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        bos_token_id=151643,
+        eos_token_id=151645,
         architectures=["Qwen3ForCausalLM"],
     )
 
@@ -107,6 +117,7 @@ def fp8_scaled_state(model, comfy_quant: bool = False) -> dict[str, torch.Tensor
         state[k] = (w / scale).to(torch.float8_e4m3fn)
         state[k[: -len(".weight")] + ".weight_scale"] = scale.float()
         if comfy_quant:
-            state[k[: -len(".weight")] + ".comfy_quant"] = torch.tensor(list(b'{"format":"float8_e4m3fn"}'),
-                                                                         dtype=torch.uint8)
+            state[k[: -len(".weight")] + ".comfy_quant"] = torch.tensor(
+                list(b'{"format":"float8_e4m3fn"}'), dtype=torch.uint8
+            )
     return state

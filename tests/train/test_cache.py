@@ -19,8 +19,10 @@ from zimage_core.tokenizer import load_tokenizer
 from zimage_core.vae import FluxVAE, pil_to_tensor
 from zimage_core.weights import WeightSource, materialize
 
-pytestmark = pytest.mark.skipif(not (TOKENIZER_FIXTURE / "vocab.json").is_file(),
-                                reason=f"the Qwen tokenizer fixture is absent ({TOKENIZER_FIXTURE})")
+pytestmark = pytest.mark.skipif(
+    not (TOKENIZER_FIXTURE / "vocab.json").is_file(),
+    reason=f"the Qwen tokenizer fixture is absent ({TOKENIZER_FIXTURE})",
+)
 
 
 def make_vae(seed: int = 0) -> FluxVAE:
@@ -58,23 +60,41 @@ def dataset(tmp_path_factory):
     from PIL import Image
 
     Image.new("RGB", (120, 60), (90, 20, 200)).save(root / "shapes" / "wide.png")
-    (root / "shapes" / "wide.json").write_text(json.dumps({"short": "a purple band", "long": {"en": "a wide purple band"}}))
+    (root / "shapes" / "wide.json").write_text(
+        json.dumps({"short": "a purple band", "long": {"en": "a wide purple band"}})
+    )
     edits = root / "edits"
     edits.mkdir()
     for i in range(2):
         Image.new("RGB", (64, 64), (20, 40 * i, 90)).save(edits / f"in{i}.png")
         Image.new("RGB", (64, 96), (200, 40 * i, 10)).save(edits / f"out{i}.png")
-    (edits / "pairs.jsonl").write_text("\n".join(json.dumps(
-        {"source": [f"in{i}.png"] * (i + 1), "target": f"out{i}.png", "instruction": f"recolour {i}"}) for i in range(2)))
+    (edits / "pairs.jsonl").write_text(
+        "\n".join(
+            json.dumps({"source": [f"in{i}.png"] * (i + 1), "target": f"out{i}.png", "instruction": f"recolour {i}"})
+            for i in range(2)
+        )
+    )
     return root
 
 
 def config(ds: Path, cache: Path, **kw) -> DataConfig:
-    base = dict(resolution=32, token_budget=64, caption_levels={"short": 1.0, "long": 1.0, "instruction": 1.0},
-                languages={"en": 1.0, "zh": 1.0}, caption_dropout=0.25, cache_dir=str(cache), shard_size=4)
+    base = dict(
+        resolution=32,
+        token_budget=64,
+        caption_levels={"short": 1.0, "long": 1.0, "instruction": 1.0},
+        languages={"en": 1.0, "zh": 1.0},
+        caption_dropout=0.25,
+        cache_dir=str(cache),
+        shard_size=4,
+    )
     base.update(kw)
-    return DataConfig(sources=[{"type": "folder", "path": str(ds / "shapes")},
-                               {"type": "edit_jsonl", "path": str(ds / "edits" / "pairs.jsonl")}], **base)
+    return DataConfig(
+        sources=[
+            {"type": "folder", "path": str(ds / "shapes")},
+            {"type": "edit_jsonl", "path": str(ds / "edits" / "pairs.jsonl")},
+        ],
+        **base,
+    )
 
 
 class FakeSiglip:
@@ -213,7 +233,8 @@ def test_reuse_and_mismatch(dataset, ref_cache, tmp_path, vae, te):
             build_cache(cfg, vae, te, progress=False)
     finally:
         (dataset / "shapes" / "wide.json").write_text(
-            json.dumps({"short": "a purple band", "long": {"en": "a wide purple band"}}))
+            json.dumps({"short": "a purple band", "long": {"en": "a wide purple band"}})
+        )
 
     build_cache(other, vae, te, progress=False, rebuild=True)
     data = CachedData(other)

@@ -66,8 +66,14 @@ def save_png(path: Path, size=(64, 64), color=(200, 10, 10)) -> Path:
 
 
 def cfg_for(tmp_path: Path, sources, **kw) -> DataConfig:
-    base = dict(resolution=64, token_budget=64, caption_levels={"caption": 1.0}, caption_dropout=0.0,
-                cache_dir=str(tmp_path / "cache"), shard_size=8)
+    base = dict(
+        resolution=64,
+        token_budget=64,
+        caption_levels={"caption": 1.0},
+        caption_dropout=0.0,
+        cache_dir=str(tmp_path / "cache"),
+        shard_size=8,
+    )
     base.update(kw)
     return DataConfig(sources=sources, **base)
 
@@ -90,10 +96,17 @@ def test_folder_sidecars(tmp_path):
     save_png(d / "a.png")
     (d / "a.txt").write_text("  a red square \n")
     save_png(d / "sub" / "b.jpg")
-    (d / "sub" / "b.json").write_text(json.dumps({
-        "tags": ["red", "square"], "short": "red", "long": {"en": "a big red square", "zh": "红色方块"},
-        "url": "http://x", "width": 64,
-    }))
+    (d / "sub" / "b.json").write_text(
+        json.dumps(
+            {
+                "tags": ["red", "square"],
+                "short": "red",
+                "long": {"en": "a big red square", "zh": "红色方块"},
+                "url": "http://x",
+                "width": 64,
+            }
+        )
+    )
     save_png(d / "c.png")
     (d / "c.txt").write_text("cat")
     (d / "c.json").write_text(json.dumps({"caption": "cat", "medium": "a cat"}))
@@ -101,7 +114,9 @@ def test_folder_sidecars(tmp_path):
     assert set(items) == {"0:a", "0:sub/b", "0:c"}
     assert items["0:a"].captions == {"caption": {"": "a red square"}} and items["0:a"].primary == "caption"
     assert items["0:sub/b"].captions == {
-        "tags": {"": "red, square"}, "short": {"": "red"}, "long": {"en": "a big red square", "zh": "红色方块"},
+        "tags": {"": "red, square"},
+        "short": {"": "red"},
+        "long": {"en": "a big red square", "zh": "红色方块"},
     }
     assert items["0:sub/b"].primary is None
     assert items["0:c"].captions == {"caption": {"": "cat"}, "medium": {"": "a cat"}}
@@ -125,8 +140,13 @@ def test_edit_jsonl(tmp_path):
     f = d / "pairs.jsonl"
     lines = [
         {"source": "img/in1.png", "target": "img/out.png", "instruction": "make it blue"},
-        {"source": ["img/in1.png", "img/in2.png"], "target": "img/out.png", "instruction": "merge",
-         "caption": "a blue thing", "key": "merge"},
+        {
+            "source": ["img/in1.png", "img/in2.png"],
+            "target": "img/out.png",
+            "instruction": "merge",
+            "caption": "a blue thing",
+            "key": "merge",
+        },
     ]
     f.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     items = scan_source(2, {"type": "edit_jsonl", "path": str(f)}, LEVELS)
@@ -173,8 +193,10 @@ def test_webdataset_shards(tmp_path):
                 else:
                     _add(tf, f"{key}.png", _png_bytes(colors[key]))
                     _add(tf, f"{key}.txt", f"caption {key}".encode())
-    assert expand_braces(str(d / "shard-{000000..000001}.tar")) == [str(d / "shard-000000.tar"),
-                                                                   str(d / "shard-000001.tar")]
+    assert expand_braces(str(d / "shard-{000000..000001}.tar")) == [
+        str(d / "shard-000000.tar"),
+        str(d / "shard-000001.tar"),
+    ]
     spec = {"type": "webdataset", "path": str(d / "shard-{000000..000001}.tar")}
     items = scan_source(0, spec, LEVELS)
     assert [it.key for it in items] == [f"0:shard-{s:06d}/s{s}k{k}" for s in range(2) for k in range(3)]
@@ -300,9 +322,16 @@ def test_token_budget_batches(tmp_path):
 def shape_data(shapes, tmp_path_factory):
     folder, _ = shapes
     cache = tmp_path_factory.mktemp("shape_cache")
-    cfg = DataConfig(sources=[{"type": "folder", "path": str(folder)}], resolution=64, token_budget=48,
-                     caption_levels={"long": 1.0, "short": 1.0}, languages={"en": 1.0, "zh": 1.0},
-                     caption_dropout=0.2, cache_dir=str(cache), shard_size=5)
+    cfg = DataConfig(
+        sources=[{"type": "folder", "path": str(folder)}],
+        resolution=64,
+        token_budget=48,
+        caption_levels={"long": 1.0, "short": 1.0},
+        languages={"en": 1.0, "zh": 1.0},
+        caption_dropout=0.2,
+        cache_dir=str(cache),
+        shard_size=5,
+    )
     return built(cfg)
 
 
@@ -311,8 +340,12 @@ def run(it, n):
 
 
 def same(a, b) -> bool:
-    return (a.keys == b.keys and a.captions == b.captions and torch.equal(a.latents, b.latents)
-            and all(torch.equal(x, y) for x, y in zip(a.cap_feats, b.cap_feats)))
+    return (
+        a.keys == b.keys
+        and a.captions == b.captions
+        and torch.equal(a.latents, b.latents)
+        and all(torch.equal(x, y) for x, y in zip(a.cap_feats, b.cap_feats))
+    )
 
 
 def test_determinism(shape_data):
@@ -401,15 +434,21 @@ def test_caption_policy_unit():
     assert pol.options({"caption": {"": "C"}}, "caption") == [(("caption", ""), 1.0)]
     assert pol.options({"medium": {"": "M"}}, None) == []
     # the same generator state gives the same choices
-    a = [CaptionPolicy({"long": 1, "short": 1}, {"en": 1}, 0.3).choose(caps, None, np.random.default_rng(5))
-         for _ in range(3)]
+    a = [
+        CaptionPolicy({"long": 1, "short": 1}, {"en": 1}, 0.3).choose(caps, None, np.random.default_rng(5))
+        for _ in range(3)
+    ]
     assert len(set(a)) == 1
 
 
 def test_missing_caption_level_error(shapes, tmp_path):
     folder, _ = shapes
-    cfg = DataConfig(sources=[{"type": "folder", "path": str(folder)}], resolution=64,
-                     caption_levels={"tags": 1.0}, cache_dir=str(tmp_path / "c"))
+    cfg = DataConfig(
+        sources=[{"type": "folder", "path": str(folder)}],
+        resolution=64,
+        caption_levels={"tags": 1.0},
+        cache_dir=str(tmp_path / "c"),
+    )
     build_cache(cfg, FakeVAE(), FakeTE(), progress=False)
     assert len(CachedData(cfg)) == 24  # .txt sidecars: the "caption" level is the fallback
     (folder / "red_circle_0000.txt").rename(tmp_path / "moved.txt")
@@ -429,10 +468,16 @@ def test_weights_and_edit_ratio(shapes, tmp_path):
     for i in range(4):
         save_png(e / f"src{i}.png", (64, 64), (10, 10, 10 * i))
         save_png(e / f"dst{i}.png", (96, 64), (10, 10 * i, 10))
-    (e / "pairs.jsonl").write_text("\n".join(json.dumps(
-        {"source": [f"src{i}.png"] * (1 + i % 2), "target": f"dst{i}.png", "instruction": f"edit {i}"})
-        for i in range(4)))
-    srcs = [{"type": "folder", "path": str(folder), "weight": 2.0}, {"type": "edit_jsonl", "path": str(e / "pairs.jsonl")}]
+    (e / "pairs.jsonl").write_text(
+        "\n".join(
+            json.dumps({"source": [f"src{i}.png"] * (1 + i % 2), "target": f"dst{i}.png", "instruction": f"edit {i}"})
+            for i in range(4)
+        )
+    )
+    srcs = [
+        {"type": "folder", "path": str(folder), "weight": 2.0},
+        {"type": "edit_jsonl", "path": str(e / "pairs.jsonl")},
+    ]
     cfg = cfg_for(tmp_path, srcs, token_budget=16, max_batch=1, edit_ratio=0.25, caption_levels={"caption": 1.0})
     data = built(cfg)
     it = data.batches(0, prefetch=0)
@@ -441,8 +486,9 @@ def test_weights_and_edit_ratio(shapes, tmp_path):
     kinds = Counter(b.kind for b in batches)
     assert kinds["t2i"] == 48  # 24 images, weight 2, one per batch
     assert kinds["edit"] == 16  # 48 * 0.25 / 0.75: the 4 pairs repeated
-    assert Counter(k for b in batches if b.kind == "t2i" for k in b.keys) == {s["key"]: 2 for s in data.samples
-                                                                            if s["kind"] == "t2i"}
+    assert Counter(k for b in batches if b.kind == "t2i" for k in b.keys) == {
+        s["key"]: 2 for s in data.samples if s["kind"] == "t2i"
+    }
     for b in (b for b in batches if b.kind == "edit"):
         i = int(b.keys[0].split(":")[-1]) - 1
         assert b.latents.shape[1:] == (16, 6, 10)  # 96x64 -> the 80x48 bucket

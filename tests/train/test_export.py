@@ -21,8 +21,10 @@ from zimage_core.checkpoints import DiTCheckpoint, load_dit
 from zimage_core.cli import main as zimage
 from zimage_core.lora import apply_loras, load_lora
 
-pytestmark = [pytest.mark.skipif(not FIXTURE_TOKENIZER.exists(), reason="../shared/fixtures/qwen25_tokenizer is absent"),
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = [
+    pytest.mark.skipif(not FIXTURE_TOKENIZER.exists(), reason="../shared/fixtures/qwen25_tokenizer is absent"),
+    pytest.mark.usefixtures("one_thread"),
+]
 CONFIGS = Path(__file__).resolve().parents[2] / "train" / "configs"
 
 
@@ -45,13 +47,27 @@ def base_image(model, tmp_path_factory) -> np.ndarray:
 
 def train_on(model, shapes: Path, out: Path, config: str, **extra):
     over = {
-        "output_dir": f"'{out}'", "max_steps": "2", "synthetic": "{}", "model.checkpoint": f"'{model.transformer}'",
-        "model.text_encoder": f"'{model.text_encoder}'", "model.tokenizer": f"'{model.tokenizer}'",
-        "model.vae": f"'{model.vae}'", "model.vision": "''", "model.dims": "{}",
-        "data.sources": f'[{{type = "folder", path = "{shapes}"}}]', "data.resolution": "32",
-        "data.cache_dir": f"'{out.parent / 'cache'}'", "data.caption_levels": "{caption = 1.0}",
-        "data.languages": "{en = 1.0}", "data.token_budget": "64", "data.max_batch": "4", "samples.every": "0",
-        "optim.optimizer": "adamw", "optim.lr": "1e-2", "optim.warmup_steps": "0", "checkpoint.every": "0",
+        "output_dir": f"'{out}'",
+        "max_steps": "2",
+        "synthetic": "{}",
+        "model.checkpoint": f"'{model.transformer}'",
+        "model.text_encoder": f"'{model.text_encoder}'",
+        "model.tokenizer": f"'{model.tokenizer}'",
+        "model.vae": f"'{model.vae}'",
+        "model.vision": "''",
+        "model.dims": "{}",
+        "data.sources": f'[{{type = "folder", path = "{shapes}"}}]',
+        "data.resolution": "32",
+        "data.cache_dir": f"'{out.parent / 'cache'}'",
+        "data.caption_levels": "{caption = 1.0}",
+        "data.languages": "{en = 1.0}",
+        "data.token_budget": "64",
+        "data.max_batch": "4",
+        "samples.every": "0",
+        "optim.optimizer": "adamw",
+        "optim.lr": "1e-2",
+        "optim.warmup_steps": "0",
+        "checkpoint.every": "0",
         "export.dtype": "fp32",
     }
     over.update({k.replace("__", "."): str(v) for k, v in extra.items()})
@@ -61,10 +77,34 @@ def train_on(model, shapes: Path, out: Path, config: str, **extra):
 
 
 def generate(model, out: Path, *extra: str, transformer: Path | None = None) -> np.ndarray:
-    rc = zimage(["generate", "--transformer", str(transformer or model.transformer), "--text-encoder",
-                 str(model.text_encoder), "--vae", str(model.vae), "--tokenizer", str(model.tokenizer),
-                 "--prompt", "a red circle", "--width", "32", "--height", "32", "--steps", "3", "--seed", "4",
-                 "--device", "cpu", "--out", str(out), *extra])
+    rc = zimage(
+        [
+            "generate",
+            "--transformer",
+            str(transformer or model.transformer),
+            "--text-encoder",
+            str(model.text_encoder),
+            "--vae",
+            str(model.vae),
+            "--tokenizer",
+            str(model.tokenizer),
+            "--prompt",
+            "a red circle",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--steps",
+            "3",
+            "--seed",
+            "4",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
     assert rc == 0
     return np.asarray(Image.open(out), dtype=np.int16)
 
@@ -80,15 +120,29 @@ def test_exported_full_model_loads_in_zimage_generate_and_changes_the_image(mode
     assert np.abs(after - base_image).max() > 2
     # the export CLI: EMA absent -> a clear error; diffusers layout -> a folder zimage loads
     assert export_main([str(tmp_path / "run"), "--out", str(tmp_path / "x.safetensors"), "--ema"]) == 2
-    assert export_main([str(tmp_path / "run"), "--out", str(tmp_path / "diffusers"), "--layout", "diffusers",
-                        "--dtype", "fp32"]) == 0
+    assert (
+        export_main(
+            [str(tmp_path / "run"), "--out", str(tmp_path / "diffusers"), "--layout", "diffusers", "--dtype", "fp32"]
+        )
+        == 0
+    )
     again = load_dit(tmp_path / "diffusers", dtype=torch.float32).state_dict()
     assert all(torch.equal(again[k], trained[k]) for k in trained)
 
 
 def test_exported_lora_loads_in_zimage_generate_and_uses_comfyui_names(model, shapes, base_image, tmp_path):
-    trainer, res = train_on(model, shapes, tmp_path / "run", "finetune_lora.toml", lora__rank=4, lora__alpha="2.0",
-                            model__dtype="fp32", ema__enabled="true", ema__decay="0.5", export__ema="false")
+    trainer, res = train_on(
+        model,
+        shapes,
+        tmp_path / "run",
+        "finetune_lora.toml",
+        lora__rank=4,
+        lora__alpha="2.0",
+        model__dtype="fp32",
+        ema__enabled="true",
+        ema__decay="0.5",
+        export__ema="false",
+    )
     lora_file = res.export
     sd = load_file(str(lora_file))
     base_keys = set(load_file(str(model.transformer)))  # the ComfyUI single file's own names
@@ -97,7 +151,7 @@ def test_exported_lora_loads_in_zimage_generate_and_uses_comfyui_names(model, sh
         assert k.startswith("diffusion_model.")
         stem, suffix = k.rsplit(".lora_", 1) if ".lora_" in k else k.rsplit(".", 1)
         assert suffix in ("down.weight", "up.weight", "alpha")
-        assert stem[len("diffusion_model."):] + ".weight" in base_keys  # ComfyUI maps diffusion_model.<key> -> weight
+        assert stem[len("diffusion_model.") :] + ".weight" in base_keys  # ComfyUI maps diffusion_model.<key> -> weight
         names.add(stem)
     assert any(n.endswith("attention.qkv") for n in names) and any(n.endswith("feed_forward.w2") for n in names)
     assert float(sd[next(k for k in sd if k.endswith(".alpha"))]) == pytest.approx(2.0)

@@ -97,9 +97,13 @@ def test_sigma_sampling_distributions():
     assert float(z.std()) == pytest.approx(1.0, abs=0.03)
     shifted = sample_sigmas(20000, 4096, ObjectiveSection(shift="dynamic"), torch.Generator().manual_seed(0))
     assert float(shifted.median()) == pytest.approx(math.exp(1.15) / (math.exp(1.15) + 1), abs=0.02)
-    uni = sample_sigmas(20000, 256, ObjectiveSection(timesteps="uniform", shift="static", static_shift=1.0),
-                        torch.Generator().manual_seed(0))
-    assert float(uni.mean()) == pytest.approx(0.5, abs=0.01) and float(uni.std()) == pytest.approx(12 ** -0.5, abs=0.01)
+    uni = sample_sigmas(
+        20000,
+        256,
+        ObjectiveSection(timesteps="uniform", shift="static", static_shift=1.0),
+        torch.Generator().manual_seed(0),
+    )
+    assert float(uni.mean()) == pytest.approx(0.5, abs=0.01) and float(uni.std()) == pytest.approx(12**-0.5, abs=0.01)
 
 
 class Recorder(torch.nn.Module):
@@ -115,8 +119,13 @@ class Recorder(torch.nn.Module):
 
 def t2i_batch(b=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return SimpleNamespace(latents=torch.randn(b, 16, 4, 6, generator=g), kind="t2i", ref_latents=None, siglip=None,
-                           cap_feats=[torch.randn(4 + i, CFG.cap_feat_dim, generator=g) for i in range(b)])
+    return SimpleNamespace(
+        latents=torch.randn(b, 16, 4, 6, generator=g),
+        kind="t2i",
+        ref_latents=None,
+        siglip=None,
+        cap_feats=[torch.randn(4 + i, CFG.cap_feat_dim, generator=g) for i in range(b)],
+    )
 
 
 def test_flow_loss_builds_inputs_and_target_in_zimage_conventions():
@@ -144,12 +153,22 @@ def test_edit_batch_goes_through_forward_omni_and_uses_the_references():
             p.add_(torch.randn_like(p) * 0.05)
     model = FlowModel(dit)
     g = torch.Generator().manual_seed(0)
-    seg = OmniSegments(*(torch.randn(n, 32, generator=g) for n in (3, 2, 4)), prompts={"b": torch.randn(7, 32, generator=g)})
+    seg = OmniSegments(
+        *(torch.randn(n, 32, generator=g) for n in (3, 2, 4)), prompts={"b": torch.randn(7, 32, generator=g)}
+    )
     batch = SimpleNamespace(
-        latents=torch.randn(2, 16, 4, 4, generator=g), kind="edit",
-        cap_feats=[torch.randn(6, 32, generator=g), torch.randn(9, 32, generator=g)], captions=["a", "b"],
-        ref_latents=[[torch.randn(16, 4, 4, generator=g)], [torch.randn(16, 6, 4, generator=g), torch.randn(16, 4, 4, generator=g)]],
-        siglip=[[torch.randn(2, 2, 24, generator=g)], [torch.randn(6, 24, generator=g), torch.randn(2, 2, 24, generator=g)]],
+        latents=torch.randn(2, 16, 4, 4, generator=g),
+        kind="edit",
+        cap_feats=[torch.randn(6, 32, generator=g), torch.randn(9, 32, generator=g)],
+        captions=["a", "b"],
+        ref_latents=[
+            [torch.randn(16, 4, 4, generator=g)],
+            [torch.randn(16, 6, 4, generator=g), torch.randn(16, 4, 4, generator=g)],
+        ],
+        siglip=[
+            [torch.randn(2, 2, 24, generator=g)],
+            [torch.randn(6, 24, generator=g), torch.randn(2, 2, 24, generator=g)],
+        ],
     )  # the 6 flattened tokens of a 6x4 latent's reference become a 3x2 grid
     loss, _ = flow_loss(model, batch, ObjectiveSection(), torch.Generator().manual_seed(1), torch.device("cpu"), seg)
     loss.backward()

@@ -53,12 +53,27 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 def tiny(out: Path, shapes: Path, cache: Path, **extra) -> list[str]:
     """Overrides that turn any configuration into a seconds-long CPU run on the synthetic shapes."""
     base = {
-        "output_dir": f"'{out}'", "max_steps": "2", "log_every": "1", "synthetic": "{}",
-        "model.preset": "tiny", "model.checkpoint": "''", "model.dims": "{}", "model.omni": "false",
-        "model.text_encoder": "random-tiny", "model.vae": "random-tiny", "model.tokenizer": "''", "model.vision": "''",
-        "data.sources": f'[{{type = "folder", path = "{shapes}"}}]', "data.resolution": "32", "data.token_budget": "64",
-        "data.max_batch": "4", "data.cache_dir": f"'{cache}'", "data.caption_levels": "{caption = 1.0}",
-        "data.languages": "{en = 1.0}", "checkpoint.every": "0", "samples.every": "0",
+        "output_dir": f"'{out}'",
+        "max_steps": "2",
+        "log_every": "1",
+        "synthetic": "{}",
+        "model.preset": "tiny",
+        "model.checkpoint": "''",
+        "model.dims": "{}",
+        "model.omni": "false",
+        "model.text_encoder": "random-tiny",
+        "model.vae": "random-tiny",
+        "model.tokenizer": "''",
+        "model.vision": "''",
+        "data.sources": f'[{{type = "folder", path = "{shapes}"}}]',
+        "data.resolution": "32",
+        "data.token_budget": "64",
+        "data.max_batch": "4",
+        "data.cache_dir": f"'{cache}'",
+        "data.caption_levels": "{caption = 1.0}",
+        "data.languages": "{en = 1.0}",
+        "checkpoint.every": "0",
+        "samples.every": "0",
     }
     base.update({k.replace("__", "."): str(v) for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]
@@ -92,9 +107,17 @@ def stage_overrides(name: str, tmp: Path, shapes: Path, tiny_ckpt: Path, cache: 
     if name.startswith("finetune"):
         extra["model__checkpoint"] = f"'{tiny_ckpt}'"
     if name == "synthetic_tiny.toml":
-        extra.update({"samples__every": "1", "samples__width": "32", "samples__height": "32", "samples__steps": "2",
-                      "samples__prompts": '["a red circle", "a blue square"]', "samples__cfg": "2.0",
-                      "model__dims": "{dim = 64, n_heads = 2}"})
+        extra.update(
+            {
+                "samples__every": "1",
+                "samples__width": "32",
+                "samples__height": "32",
+                "samples__steps": "2",
+                "samples__prompts": '["a red circle", "a blue square"]',
+                "samples__cfg": "2.0",
+                "model__dims": "{dim = 64, n_heads = 2}",
+            }
+        )
     return tiny(tmp / "run", shapes, cache / name, **extra)
 
 
@@ -136,8 +159,18 @@ def test_entry_point_runs_and_resumes(tmp_path, shapes, cache):
 
 
 def test_loss_goes_down_on_a_tiny_overfit_problem(tmp_path, shapes, cache):
-    over = tiny(tmp_path / "run", shapes, cache / "plain", max_steps=80, optim__lr="5e-3", optim__warmup_steps=3,
-                data__max_batch=8, data__token_budget=256, data__caption_dropout="0.0", objective__timesteps="uniform")
+    over = tiny(
+        tmp_path / "run",
+        shapes,
+        cache / "plain",
+        max_steps=80,
+        optim__lr="5e-3",
+        optim__warmup_steps=3,
+        data__max_batch=8,
+        data__token_budget=256,
+        data__caption_dropout="0.0",
+        objective__timesteps="uniform",
+    )
     trainer = Trainer(load_config(CONFIGS / "synthetic_tiny.toml", over), progress=False)
     trainer.setup()
     probe = next(trainer.data.batches(seed=99, prefetch=0))  # all 8 images, fixed noise and timesteps
@@ -145,8 +178,13 @@ def test_loss_goes_down_on_a_tiny_overfit_problem(tmp_path, shapes, cache):
     def probe_loss() -> float:
         with torch.no_grad():
             gen = torch.Generator().manual_seed(7)
-            return sum(float(flow_loss(trainer.model, probe, trainer.cfg.objective, gen, trainer.device)[0])
-                       for _ in range(8)) / 8
+            return (
+                sum(
+                    float(flow_loss(trainer.model, probe, trainer.cfg.objective, gen, trainer.device)[0])
+                    for _ in range(8)
+                )
+                / 8
+            )
 
     before = probe_loss()
     res = trainer.train()
@@ -183,10 +221,20 @@ def _assert_same(a, b, where="optimizer"):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, shapes, tiny_ckpt, cache, lora):
-    extra = dict(max_steps=4, optim__grad_accum=2, optim__warmup_steps=2, optim__schedule="cosine",
-                 data__caption_dropout="0.5", ema__enabled="true", ema__decay="0.9", data__max_batch=3)
+    extra = dict(
+        max_steps=4,
+        optim__grad_accum=2,
+        optim__warmup_steps=2,
+        optim__schedule="cosine",
+        data__caption_dropout="0.5",
+        ema__enabled="true",
+        ema__decay="0.9",
+        data__max_batch=3,
+    )
     if lora:
-        extra.update(lora__enabled="true", lora__rank=4, model__checkpoint=f"'{tiny_ckpt}'", optim__optimizer="adamw8bit")
+        extra.update(
+            lora__enabled="true", lora__rank=4, model__checkpoint=f"'{tiny_ckpt}'", optim__optimizer="adamw8bit"
+        )
     _, full = run(None, tiny(tmp_path / "a", shapes, cache / "plain", **extra))
     _, first = run(None, tiny(tmp_path / "b", shapes, cache / "plain", **extra), stop_after=2)
     assert first.step == 2 and first.stopped and first.export is None
@@ -221,8 +269,9 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(tmp_path, shapes, cache,
 
 
 def test_keep_last_k_checkpoints(tmp_path, shapes, cache):
-    run(None, tiny(tmp_path / "run", shapes, cache / "plain", max_steps=4, checkpoint__every=1,
-                   checkpoint__keep_last=2))
+    run(
+        None, tiny(tmp_path / "run", shapes, cache / "plain", max_steps=4, checkpoint__every=1, checkpoint__keep_last=2)
+    )
     root = tmp_path / "run" / "checkpoints"
     assert [s for s, _ in ck.list_checkpoints(root)] == [3, 4]
     assert sorted(p.name for p in root.iterdir()) == [ck.step_name(3), ck.step_name(4)]
@@ -258,9 +307,17 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, sh
 # Pieces
 # ---------------------------------------------------------------------------------------------
 def test_lora_run_leaves_the_base_untouched(tmp_path, shapes, tiny_ckpt, cache):
-    over = tiny(tmp_path / "run", shapes, cache / "plain", max_steps=3, lora__enabled="true", lora__rank=2,
-                lora__targets="['attention\\.qkv$', 'adaLN_modulation']", model__checkpoint=f"'{tiny_ckpt}'",
-                optim__lr="1e-2")
+    over = tiny(
+        tmp_path / "run",
+        shapes,
+        cache / "plain",
+        max_steps=3,
+        lora__enabled="true",
+        lora__rank=2,
+        lora__targets="['attention\\.qkv$', 'adaLN_modulation']",
+        model__checkpoint=f"'{tiny_ckpt}'",
+        optim__lr="1e-2",
+    )
     trainer, _ = run(None, over)
     base = load_dit(tiny_ckpt, dtype=torch.float32).state_dict()
     sd = trainer.dit.state_dict()

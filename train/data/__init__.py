@@ -72,6 +72,17 @@ from .loader import Batch, BatchIterator, CachedData
 from .synthetic import make_synthetic_dataset
 
 __all__ = [
-    "Batch", "BatchIterator", "CachedData", "CaptionPolicy", "DataConfig", "DataError", "batch_size_for",
-    "build_cache", "image_tokens", "make_buckets", "make_synthetic_dataset", "nearest_bucket", "resize_center_crop",
+    "Batch",
+    "BatchIterator",
+    "CachedData",
+    "CaptionPolicy",
+    "DataConfig",
+    "DataError",
+    "batch_size_for",
+    "build_cache",
+    "image_tokens",
+    "make_buckets",
+    "make_synthetic_dataset",
+    "nearest_bucket",
+    "resize_center_crop",
 ]

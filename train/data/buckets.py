@@ -27,8 +27,9 @@ def bucket_step(resolution: int) -> int:
     return PIXEL_MULTIPLE * max(1, round(resolution / 256))
 
 
-def make_buckets(resolution: int, aspect_buckets: bool = True, max_aspect: float = 3.0,
-                 step: int | None = None) -> list[Bucket]:
+def make_buckets(
+    resolution: int, aspect_buckets: bool = True, max_aspect: float = 3.0, step: int | None = None
+) -> list[Bucket]:
     """Buckets ``(h, w)``, multiples of 16, area near ``resolution**2``, aspect within ``1/max_aspect..max_aspect``.
 
     Sorted from the tallest to the widest; ``aspect_buckets=False`` gives the square bucket only.

@@ -67,7 +67,9 @@ def read_json(path: Path, what: str) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise DataError(f"the {what} '{path}' is unreadable ({e}); rebuild the cache (rebuild=True / --rebuild).") from e
+        raise DataError(
+            f"the {what} '{path}' is unreadable ({e}); rebuild the cache (rebuild=True / --rebuild)."
+        ) from e
 
 
 def shard_metadata(path: Path) -> dict:
@@ -148,14 +150,26 @@ def _check(record: dict, what: str, root: Path, fp: str, identity: dict, listing
         )
     old_enc = record.get("encoders") or [None, None, None]
     if old_enc[2] is None and encoders[2] is not None:
-        raise DataError(f"the {what} at '{root}' was made without SigLIP features, but a vision encoder was given. {hint}")
+        raise DataError(
+            f"the {what} at '{root}' was made without SigLIP features, but a vision encoder was given. {hint}"
+        )
     if not _same_encoders(old_enc, encoders):
-        raise DataError(f"the {what} at '{root}' was made with other encoders (VAE, text or vision weights differ). {hint}")
+        raise DataError(
+            f"the {what} at '{root}' was made with other encoders (VAE, text or vision weights differ). {hint}"
+        )
 
 
 # ---- building ---------------------------------------------------------------------------------------
-def build_cache(cfg: DataConfig, vae, text_encoder, vision=None, progress: bool = True, rebuild: bool = False,
-                rank: int = 0, world_size: int = 1) -> Path:
+def build_cache(
+    cfg: DataConfig,
+    vae,
+    text_encoder,
+    vision=None,
+    progress: bool = True,
+    rebuild: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Path:
     """Encode every sample once into ``cfg.cache_dir``; returns that folder.
 
     A complete cache whose fingerprint, source listing and encoders match is reused at once (the encoders
@@ -189,8 +203,10 @@ def build_cache(cfg: DataConfig, vae, text_encoder, vision=None, progress: bool 
     if plan_rec is not None:
         _check(plan_rec, "interrupted cache build", root, fp, identity, listing, encoders)
     elif any(root.glob("shard-*.safetensors")):
-        raise DataError(f"'{root}' holds cache shards but no build plan; rebuild it (rebuild=True / --rebuild) or "
-                        "use an empty cache_dir.")
+        raise DataError(
+            f"'{root}' holds cache shards but no build plan; rebuild it (rebuild=True / --rebuild) or "
+            "use an empty cache_dir."
+        )
     if vae is None or text_encoder is None:
         raise DataError(f"the data cache at '{root}' is not built yet; load the VAE and the text encoder to build it.")
 
@@ -202,10 +218,17 @@ def build_cache(cfg: DataConfig, vae, text_encoder, vision=None, progress: bool 
         keys[it.key] = it
     shards, texts = _plan(items, cfg.shard_size)
     if plan_rec is None:
-        _write_json(root / PLAN, {
-            "fingerprint": fp, "identity": identity, "listing": listing, "encoders": encoders,
-            "n_shards": len(shards), "n_samples": len(items),
-        })
+        _write_json(
+            root / PLAN,
+            {
+                "fingerprint": fp,
+                "identity": identity,
+                "listing": listing,
+                "encoders": encoders,
+                "n_shards": len(shards),
+                "n_samples": len(items),
+            },
+        )
     if world_size == 1:  # leftovers of a killed write (with several ranks they may be another rank's, in flight)
         for tmp in root.glob("shard-*.tmp"):
             tmp.unlink(missing_ok=True)
@@ -221,7 +244,9 @@ def build_cache(cfg: DataConfig, vae, text_encoder, vision=None, progress: bool 
         index["shard"] = s
         save_safetensors(tensors, root / shard_name(s), metadata={"index": json.dumps(index, ensure_ascii=False)})
     if all((root / shard_name(s)).is_file() for s in range(len(shards))):
-        _finalize(root, len(shards), {"fingerprint": fp, "identity": identity, "listing": listing, "encoders": encoders})
+        _finalize(
+            root, len(shards), {"fingerprint": fp, "identity": identity, "listing": listing, "encoders": encoders}
+        )
     return root
 
 
@@ -240,13 +265,26 @@ def _finalize(root: Path, n_shards: int, head: dict) -> None:
         raise DataError(f"the cache at '{root}' holds text embeddings of several widths {sorted(dims)}; rebuild it.")
     if not samples:
         raise DataError(f"the data cache at '{root}' holds no usable sample (all {len(skipped)} were skipped).")
-    _write_json(root / MANIFEST, {
-        **head, "complete": True, "shards": [shard_name(s) for s in range(n_shards)], "samples": samples,
-        "texts": texts, "skipped": skipped, "text_dim": dims.pop() if dims else None,
-    })
+    _write_json(
+        root / MANIFEST,
+        {
+            **head,
+            "complete": True,
+            "shards": [shard_name(s) for s in range(n_shards)],
+            "samples": samples,
+            "texts": texts,
+            "skipped": skipped,
+            "text_dim": dims.pop() if dims else None,
+        },
+    )
     (root / PLAN).unlink(missing_ok=True)
-    log.info("data cache '%s' complete: %d samples, %d distinct captions, %d skipped", root, len(samples), len(texts),
-             len(skipped))
+    log.info(
+        "data cache '%s' complete: %d samples, %d distinct captions, %d skipped",
+        root,
+        len(samples),
+        len(texts),
+        len(skipped),
+    )
 
 
 class _ShardBuilder:
@@ -272,16 +310,23 @@ class _ShardBuilder:
             for r, (ref, b) in enumerate(zip(it.refs, ref_buckets)):
                 jobs[b].append((f"ref.{n}.{r}", ref, n))
             entries[n] = {
-                "n": n, "key": it.key, "kind": it.kind, "source": it.source, "bucket": list(bucket),
-                "refs": [list(b) for b in ref_buckets], "siglip": self.vision is not None and bool(it.refs),
-                "captions": {lv: {lang: text_hash(t) for lang, t in langs.items()} for lv, langs in it.captions.items()},
+                "n": n,
+                "key": it.key,
+                "kind": it.kind,
+                "source": it.source,
+                "bucket": list(bucket),
+                "refs": [list(b) for b in ref_buckets],
+                "siglip": self.vision is not None and bool(it.refs),
+                "captions": {
+                    lv: {lang: text_hash(t) for lang, t in langs.items()} for lv, langs in it.captions.items()
+                },
                 "primary": it.primary,
             }
         tensors: dict[str, torch.Tensor] = {}
         for bucket in sorted(jobs):
             group = jobs[bucket]
             for c in range(0, len(group), self.cfg.encode_batch):
-                self._encode(group[c: c + self.cfg.encode_batch], bucket, items, tensors, bad)
+                self._encode(group[c : c + self.cfg.encode_batch], bucket, items, tensors, bad)
         for n in bad:
             entries.pop(n, None)
             for k in [k for k in tensors if k.split(".")[1] == str(n) and not k.startswith("txt.")]:
@@ -294,12 +339,16 @@ class _ShardBuilder:
                 raise DataError(f"the text encoder returned {len(embs)} embeddings for {len(new_texts)} captions.")
             for t, e in zip(new_texts, embs):
                 if e.ndim != 2:
-                    raise DataError(f"the text encoder returned an embedding of shape {tuple(e.shape)}; expected [L, D].")
+                    raise DataError(
+                        f"the text encoder returned an embedding of shape {tuple(e.shape)}; expected [L, D]."
+                    )
                 tensors[f"txt.{text_hash(t)}"] = e.detach().cpu().contiguous()
                 dims.add(int(e.shape[1]))
         index = {
-            "samples": [entries[n] for n in idxs if n in entries], "texts": {text_hash(t): t for t in new_texts},
-            "skipped": list(bad.values()), "text_dims": sorted(dims),
+            "samples": [entries[n] for n in idxs if n in entries],
+            "texts": {text_hash(t): t for t in new_texts},
+            "skipped": list(bad.values()),
+            "text_dims": sorted(dims),
         }
         return tensors, index
 
@@ -326,8 +375,10 @@ class _ShardBuilder:
             lat = self.vae.encode(pil_to_tensor(pics))
         expect = (len(pics), bucket[0] // 8, bucket[1] // 8)
         if lat.ndim != 4 or (lat.shape[0], lat.shape[2], lat.shape[3]) != expect:
-            raise DataError(f"the VAE returned latents of shape {tuple(lat.shape)} for {len(pics)} images of "
-                            f"{bucket[1]}x{bucket[0]}; expected [B, C, {expect[1]}, {expect[2]}].")
+            raise DataError(
+                f"the VAE returned latents of shape {tuple(lat.shape)} for {len(pics)} images of "
+                f"{bucket[1]}x{bucket[0]}; expected [B, C, {expect[1]}, {expect[2]}]."
+            )
         lat = lat.detach().float().cpu()
         for j, (key, _) in enumerate(keep):
             tensors[key] = lat[j].clone()

@@ -15,8 +15,20 @@ SOURCE_TYPES = ("folder", "edit_jsonl", "webdataset")
 # Caption levels that are always encoded into a cache (plus any level named in ``caption_levels``), so that
 # changing the mixing weights never needs a rebuild. Other JSON keys (url, width, ...) are metadata.
 KNOWN_LEVELS = (
-    "caption", "tags", "short", "medium", "long", "detailed", "user", "user_prompt", "prompt", "alt", "alt_text",
-    "text", "instruction", "target_caption",
+    "caption",
+    "tags",
+    "short",
+    "medium",
+    "long",
+    "detailed",
+    "user",
+    "user_prompt",
+    "prompt",
+    "alt",
+    "alt_text",
+    "text",
+    "instruction",
+    "target_caption",
 )
 CACHE_VERSION = 1
 
@@ -72,7 +84,7 @@ class DataConfig:
     def validate(self, where: str = "data config") -> None:
         """Raise :class:`DataError` naming the first bad option."""
         if not self.sources:
-            raise DataError(f"{where}: 'sources' is empty; add e.g. {{\"type\": \"folder\", \"path\": \"my_images\"}}.")
+            raise DataError(f'{where}: \'sources\' is empty; add e.g. {{"type": "folder", "path": "my_images"}}.')
         for i, s in enumerate(self.sources):
             if not isinstance(s, dict) or "path" not in s or "type" not in s:
                 raise DataError(f"{where}: source {i} must be a mapping with 'type' and 'path', got {s!r}.")
@@ -86,7 +98,9 @@ class DataConfig:
                 raise DataError(f"{where}: source {i} weight must be a number >= 0, got {w!r}.")
         r = self.resolution
         if not isinstance(r, int) or r < PIXEL_MULTIPLE or r % PIXEL_MULTIPLE:
-            raise DataError(f"{where}: resolution {r!r} must be a positive multiple of {PIXEL_MULTIPLE} (e.g. 256, 512).")
+            raise DataError(
+                f"{where}: resolution {r!r} must be a positive multiple of {PIXEL_MULTIPLE} (e.g. 256, 512)."
+            )
         for name in ("token_budget", "max_batch", "shard_size", "encode_batch"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:

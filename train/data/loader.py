@@ -48,14 +48,22 @@ class Batch:
 
     def to(self, device, non_blocking: bool = False) -> Batch:
         """A copy with every tensor on ``device`` (dtypes unchanged)."""
+
         def mv(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, non_blocking=non_blocking)
 
         def nested(x):
             return None if x is None else [[mv(t) for t in row] for row in x]
 
-        return Batch(mv(self.latents), [mv(c) for c in self.cap_feats], list(self.captions), self.kind,
-                     nested(self.ref_latents), nested(self.siglip), list(self.keys))
+        return Batch(
+            mv(self.latents),
+            [mv(c) for c in self.cap_feats],
+            list(self.captions),
+            self.kind,
+            nested(self.ref_latents),
+            nested(self.siglip),
+            list(self.keys),
+        )
 
 
 class CachedData:
@@ -89,19 +97,34 @@ class CachedData:
         self.policy = CaptionPolicy(cfg.caption_levels, cfg.languages, cfg.caption_dropout)
         self.empty = text_hash("")
         self.weights = [float(s.get("weight", 1.0)) for s in cfg.sources]
-        self.tokens = [image_tokens(tuple(s["bucket"])) + sum(image_tokens(tuple(r)) for r in s["refs"])
-                       for s in self.samples]
+        self.tokens = [
+            image_tokens(tuple(s["bucket"])) + sum(image_tokens(tuple(r)) for r in s["refs"]) for s in self.samples
+        ]
         self._check_captions()
         self.kinds = sorted({s["kind"] for s in self.samples})
         if cfg.edit_ratio is not None and len(self.kinds) < 2:
             log.info("edit_ratio %.2f has no effect: the data holds only %s samples", cfg.edit_ratio, self.kinds[0])
         per_bucket = Counter(f"{s['bucket'][1]}x{s['bucket'][0]}" for s in self.samples)
-        log.info("data cache '%s': %d samples (%s) in %d buckets (%s)", root, len(self.samples),
-                 ", ".join(f"{n} {k}" for k, n in Counter(s["kind"] for s in self.samples).items()), len(per_bucket),
-                 ", ".join(f"{b}: {n}" for b, n in per_bucket.most_common(8)))
+        log.info(
+            "data cache '%s': %d samples (%s) in %d buckets (%s)",
+            root,
+            len(self.samples),
+            ", ".join(f"{n} {k}" for k, n in Counter(s["kind"] for s in self.samples).items()),
+            len(per_bucket),
+            ", ".join(f"{b}: {n}" for b, n in per_bucket.most_common(8)),
+        )
         # the things an exact resume depends on besides the cache itself
-        self.mix = digest([cfg.token_budget, cfg.max_batch, self.weights, cfg.edit_ratio, cfg.caption_levels,
-                           cfg.languages, cfg.caption_dropout])
+        self.mix = digest(
+            [
+                cfg.token_budget,
+                cfg.max_batch,
+                self.weights,
+                cfg.edit_ratio,
+                cfg.caption_levels,
+                cfg.languages,
+                cfg.caption_dropout,
+            ]
+        )
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._text_bytes = 0
         self._lock = threading.Lock()
@@ -121,7 +144,7 @@ class CachedData:
             raise DataError(
                 f"{len(bad)} of {len(self.samples)} cached samples have none of the configured caption levels "
                 f"{sorted(self.policy.levels)} (languages {sorted(self.policy.languages)}), e.g. '{s['key']}' has "
-                f"{have}. Add one of its levels to caption_levels (\"caption\" is the .txt caption)."
+                f'{have}. Add one of its levels to caption_levels ("caption" is the .txt caption).'
             )
 
     # ---- tensors ------------------------------------------------------------------------------------
@@ -300,9 +323,14 @@ class BatchIterator:
     def state_dict(self) -> dict:
         """Where the iterator is; identical on every rank, JSON-able."""
         return {
-            "version": STATE_VERSION, "seed": self.seed, "epoch": self.epoch, "position": self.position,
-            "world_size": self.world_size, "fingerprint": self.data.manifest["fingerprint"],
-            "n_samples": len(self.data), "mix": self.data.mix,
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "position": self.position,
+            "world_size": self.world_size,
+            "fingerprint": self.data.manifest["fingerprint"],
+            "n_samples": len(self.data),
+            "mix": self.data.mix,
         }
 
     def load_state_dict(self, d: dict) -> None:
@@ -322,10 +350,17 @@ class BatchIterator:
         epoch, position = int(d["epoch"]), int(d["position"])
         if d["world_size"] != self.world_size:
             position = math.ceil(position * d["world_size"] / self.world_size)
-            log.warning("data loader: resuming a %d-rank run on %d ranks; the position within the epoch is rescaled "
-                        "(not an exact resume).", d["world_size"], self.world_size)
+            log.warning(
+                "data loader: resuming a %d-rank run on %d ranks; the position within the epoch is rescaled "
+                "(not an exact resume).",
+                d["world_size"],
+                self.world_size,
+            )
         if d["mix"] != self.data.mix:
-            log.warning("data loader: batching or caption options changed since the state was saved; the rest of "
-                        "epoch %d differs from the original run.", epoch)
+            log.warning(
+                "data loader: batching or caption options changed since the state was saved; the rest of "
+                "epoch %d differs from the original run.",
+                epoch,
+            )
         self.epoch = epoch
         self.position = min(position, len(self._plan(epoch)))

@@ -100,8 +100,12 @@ class Item:
     def describe(self) -> dict:
         """A JSON-able summary (for the listing signature and the manifest)."""
         return {
-            "key": self.key, "kind": self.kind, "target": self.target.where, "refs": [r.where for r in self.refs],
-            "captions": self.captions, "primary": self.primary,
+            "key": self.key,
+            "kind": self.kind,
+            "target": self.target.where,
+            "refs": [r.where for r in self.refs],
+            "captions": self.captions,
+            "primary": self.primary,
         }
 
 
@@ -122,7 +126,7 @@ def parse_caption_json(obj, where: str, levels) -> Captions:
     A top-level ``"captions"`` mapping is used when present (webdataset JSON often carries other metadata).
     """
     if not isinstance(obj, dict):
-        raise DataError(f"{where}: a caption JSON must be an object like {{\"long\": \"...\"}}, got {type(obj).__name__}.")
+        raise DataError(f'{where}: a caption JSON must be an object like {{"long": "..."}}, got {type(obj).__name__}.')
     if isinstance(obj.get("captions"), dict):
         obj = obj["captions"]
     out: Captions = {}
@@ -192,17 +196,25 @@ def scan_folder(index: int, root: Path, levels, weight: float) -> list[Item]:
             if text:
                 captions["caption"] = {"": text}
         if js.is_file():
-            captions = merge_captions(captions, parse_caption_json(_read_json(js.read_bytes(), str(js)), str(js), levels),
-                                      str(p))
+            captions = merge_captions(
+                captions, parse_caption_json(_read_json(js.read_bytes(), str(js)), str(js), levels), str(p)
+            )
         if not captions:
             raise DataError(
                 f"source {index}: the image '{p}' has no caption: add '{txt.name}' (one caption) or '{js.name}' "
-                "(levels such as {\"long\": ..., \"short\": ...}), or move the image out of the folder."
+                '(levels such as {"long": ..., "short": ...}), or move the image out of the folder.'
             )
-        items.append(Item(
-            key=f"{index}:{stem}", kind="t2i", target=ImageRef(str(p), str(p)), captions=captions,
-            primary="caption" if "caption" in captions else None, source=index, weight=weight,
-        ))
+        items.append(
+            Item(
+                key=f"{index}:{stem}",
+                kind="t2i",
+                target=ImageRef(str(p), str(p)),
+                captions=captions,
+                primary="caption" if "caption" in captions else None,
+                source=index,
+                weight=weight,
+            )
+        )
     return items
 
 
@@ -241,7 +253,9 @@ def scan_edit_jsonl(index: int, path: Path, levels, weight: float) -> list[Item]
 def _edit_item(index: int, rec: dict, where: str, base: Path, default_key: str, levels, weight: float) -> Item:
     missing = [k for k in ("source", "target", "instruction") if k not in rec]
     if missing:
-        raise DataError(f"{where}: missing field(s) {missing}; an edit pair needs 'source', 'target' and 'instruction'.")
+        raise DataError(
+            f"{where}: missing field(s) {missing}; an edit pair needs 'source', 'target' and 'instruction'."
+        )
     srcs = rec["source"] if isinstance(rec["source"], list) else [rec["source"]]
     if not srcs or not all(isinstance(s, str) and s for s in srcs):
         raise DataError(f"{where}: 'source' must be an image path or a non-empty list of image paths.")
@@ -255,8 +269,10 @@ def _edit_item(index: int, rec: dict, where: str, base: Path, default_key: str, 
         full = Path(p).expanduser()
         full = full if full.is_absolute() else base / full
         if not full.is_file():
-            raise DataError(f"{where}: {what} image '{p}' not found (looked for '{full}'; paths are relative to the "
-                            "JSONL file's folder).")
+            raise DataError(
+                f"{where}: {what} image '{p}' not found (looked for '{full}'; paths are relative to the "
+                "JSONL file's folder)."
+            )
         return ImageRef(str(full), str(full))
 
     captions: Captions = {"instruction": {"": instruction.strip()}}
@@ -269,8 +285,14 @@ def _edit_item(index: int, rec: dict, where: str, base: Path, default_key: str, 
             captions["target_caption"] = {"": text}
     key = rec.get("key", default_key)
     return Item(
-        key=f"{index}:{key}", kind="edit", target=ref(rec["target"], "target"),
-        refs=[ref(s, "source") for s in srcs], captions=captions, primary="instruction", source=index, weight=weight,
+        key=f"{index}:{key}",
+        kind="edit",
+        target=ref(rec["target"], "target"),
+        refs=[ref(s, "source") for s in srcs],
+        captions=captions,
+        primary="instruction",
+        source=index,
+        weight=weight,
     )
 
 
@@ -284,7 +306,7 @@ def expand_braces(pattern: str) -> list[str]:
     width = len(a) if a.startswith("0") else 0
     out = []
     for i in range(int(a), int(b) + 1):
-        out += expand_braces(pattern[: m.start()] + str(i).zfill(width) + pattern[m.end():])
+        out += expand_braces(pattern[: m.start()] + str(i).zfill(width) + pattern[m.end() :])
     return out
 
 
@@ -304,7 +326,9 @@ def tar_files(index: int, path: str) -> list[Path]:
         if missing:
             raise DataError(f"source {index}: tar shard(s) {missing[:3]} not found (from '{path}').")
     if not files:
-        raise DataError(f"source {index}: no .tar shard found at '{path}' (give a folder, a file or 'shard-{{000000..000009}}.tar').")
+        raise DataError(
+            f"source {index}: no .tar shard found at '{path}' (give a folder, a file or 'shard-{{000000..000009}}.tar')."
+        )
     return files
 
 
@@ -356,10 +380,17 @@ def scan_webdataset(index: int, path: str, levels, weight: float) -> list[Item]:
                     f"source {index}: '{g['image'].where}' has no caption: the shard needs '{key}.txt' or '{key}.json' "
                     "next to it."
                 )
-            items.append(Item(
-                key=f"{index}:{tf_path.stem}/{key}", kind="t2i", target=g["image"], captions=g["captions"],
-                primary="caption" if "caption" in g["captions"] else None, source=index, weight=weight,
-            ))
+            items.append(
+                Item(
+                    key=f"{index}:{tf_path.stem}/{key}",
+                    kind="t2i",
+                    target=g["image"],
+                    captions=g["captions"],
+                    primary="caption" if "caption" in g["captions"] else None,
+                    source=index,
+                    weight=weight,
+                )
+            )
     return items
 
 

@@ -39,7 +39,9 @@ def _draw(shape: str, color, size: int, rng: np.random.Generator):
     return im
 
 
-def make_synthetic_dataset(folder: str | os.PathLike, n_per_class: int = 16, size: int = 64, seed: int = 0) -> list[str]:
+def make_synthetic_dataset(
+    folder: str | os.PathLike, n_per_class: int = 16, size: int = 64, seed: int = 0
+) -> list[str]:
     """Write ``4 * n_per_class`` PNGs of coloured shapes (position/size jitter, plain background) into ``folder``.
 
     Each image gets ``.txt`` = its class caption (level ``"caption"``) and ``.json`` with ``short`` (the same)
@@ -53,8 +55,14 @@ def make_synthetic_dataset(folder: str | os.PathLike, n_per_class: int = 16, siz
             stem = folder / f"{slug}_{i:04d}"
             _draw(shape, color, size, rng).save(stem.with_suffix(".png"))
             stem.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
-            stem.with_suffix(".json").write_text(json.dumps({
-                "short": caption,
-                "long": {"en": f"{caption} on a plain light grey background", "zh": f"{zh}，纯浅灰色背景"},
-            }, ensure_ascii=False), encoding="utf-8")
+            stem.with_suffix(".json").write_text(
+                json.dumps(
+                    {
+                        "short": caption,
+                        "long": {"en": f"{caption} on a plain light grey background", "zh": f"{zh}，纯浅灰色背景"},
+                    },
+                    ensure_ascii=False,
+                ),
+                encoding="utf-8",
+            )
     return [c[0] for c in CLASSES]

@@ -20,7 +20,24 @@ from .planner import (
 from .streaming import BlockStreamer, dit_stream_blocks, module_bytes, pick_blocks, resident_parts, stream_dit
 
 __all__ = [
-    "DEFAULT_RESERVE", "MEMORY_MODES", "BlockStreamer", "ComponentSize", "MemoryMode", "MemoryPlan", "Residency",
-    "Workload", "check_quant", "device_free_bytes", "dit_stream_blocks", "module_bytes", "parse_memory_mode",
-    "pick_blocks", "plan_memory", "probe_dit", "probe_text_encoder", "probe_vae", "resident_parts", "stream_dit",
+    "DEFAULT_RESERVE",
+    "MEMORY_MODES",
+    "BlockStreamer",
+    "ComponentSize",
+    "MemoryMode",
+    "MemoryPlan",
+    "Residency",
+    "Workload",
+    "check_quant",
+    "device_free_bytes",
+    "dit_stream_blocks",
+    "module_bytes",
+    "parse_memory_mode",
+    "pick_blocks",
+    "plan_memory",
+    "probe_dit",
+    "probe_text_encoder",
+    "probe_vae",
+    "resident_parts",
+    "stream_dit",
 ]

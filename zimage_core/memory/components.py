@@ -54,13 +54,17 @@ def _elt(dtype: torch.dtype) -> int:
 # ---------------------------------------------------------------------------------------------
 def dit_size(dit, work: Workload) -> ComponentSize:
     blocks = dit_stream_blocks(dit, dit_block_count(dit))
-    return ComponentSize(module_bytes(dit), tuple(module_bytes(b) for b in blocks),
-                         dit_activation(dit.cfg, work, _elt(dit.dtype)))
+    return ComponentSize(
+        module_bytes(dit), tuple(module_bytes(b) for b in blocks), dit_activation(dit.cfg, work, _elt(dit.dtype))
+    )
 
 
 def text_encoder_size(te, work: Workload) -> ComponentSize:
-    return ComponentSize(module_bytes(te.model), tuple(module_bytes(b) for b in te.model.layers),
-                         text_encoder_activation(te.config, work, _elt(te.dtype)))
+    return ComponentSize(
+        module_bytes(te.model),
+        tuple(module_bytes(b) for b in te.model.layers),
+        text_encoder_activation(te.config, work, _elt(te.dtype)),
+    )
 
 
 def vae_size(vae, work: Workload) -> ComponentSize:
@@ -113,8 +117,9 @@ def probe_dit(path, dtype: torch.dtype, quant: str = "none"):
     return ComponentSize(total, tuple(blocks.values())), ckpt.config
 
 
-def probe_text_encoder(path, tokenizer=None, dtype: torch.dtype = torch.float32, quant: str = "none",
-                       comfy_tokenizer_dir=None):
+def probe_text_encoder(
+    path, tokenizer=None, dtype: torch.dtype = torch.float32, quant: str = "none", comfy_tokenizer_dir=None
+):
     """``(ComponentSize without activation, TextEncoderConfig)``; checks the weights and finds the tokenizer."""
     from .. import text_encoder as tem
     from ..weights import WeightSource
@@ -191,9 +196,11 @@ def component_sizes(dit, te, vae, estimates: dict, work: Workload, dtype: torch.
     (``{component: (size without activation, config)}`` from the ``probe_*`` functions)."""
     elt = _elt(dtype)
     measure = {"dit": dit_size, "text_encoder": text_encoder_size, "vae": vae_size}
-    activation = {"dit": lambda c: dit_activation(c, work, elt),
-                  "text_encoder": lambda c: text_encoder_activation(c, work, elt),
-                  "vae": lambda c: vae_activation(c, work, 4)}
+    activation = {
+        "dit": lambda c: dit_activation(c, work, elt),
+        "text_encoder": lambda c: text_encoder_activation(c, work, elt),
+        "vae": lambda c: vae_activation(c, work, 4),
+    }
     sizes, vae_cfg = {}, None
     for name, comp in (("dit", dit), ("text_encoder", te), ("vae", vae)):
         if comp is not None:
@@ -225,15 +232,23 @@ def device_free_bytes(device: torch.device, resident: int = 0) -> int | None:
 def on_device_bytes(module, device: torch.device) -> int:
     if module is None:
         return 0
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers())
-               if t.device == device)
+    return sum(
+        t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()) if t.device == device
+    )
 
 
 class Residency:
     """Applies one memory mode to a DiT, a :class:`~zimage_core.text_encoder.TextEncoder` and a VAE."""
 
-    def __init__(self, mode: str | MemoryMode, device: torch.device, offload_device: torch.device | str = "cpu",
-                 reserve: int = DEFAULT_RESERVE, pin: bool | None = None, trace: bool = False):
+    def __init__(
+        self,
+        mode: str | MemoryMode,
+        device: torch.device,
+        offload_device: torch.device | str = "cpu",
+        reserve: int = DEFAULT_RESERVE,
+        pin: bool | None = None,
+        trace: bool = False,
+    ):
         self.mode = parse_memory_mode(mode)
         self.device = torch.device(device)
         self.offload_device = torch.device(offload_device)
@@ -247,13 +262,21 @@ class Residency:
         self._te_key: tuple | None = None
 
     # ---- planning ------------------------------------------------------------------------------
-    def make_plan(self, dit: ComponentSize, te: ComponentSize | None, vae: ComponentSize | None, work: Workload,
-                  vae_cfg=None, resident: int = 0) -> MemoryPlan:
+    def make_plan(
+        self,
+        dit: ComponentSize,
+        te: ComponentSize | None,
+        vae: ComponentSize | None,
+        work: Workload,
+        vae_cfg=None,
+        resident: int = 0,
+    ) -> MemoryPlan:
         free = device_free_bytes(self.device, resident)
         plan = plan_memory(self.mode, free, dit, te, vae, reserve=self.reserve, vae_cfg=vae_cfg, work=work)
         if self.plan is None or _decision(plan) != _decision(self.plan):
             (log.warning if not plan.fits else log.info)(
-                "memory %s: %s", self.mode, plan.describe() + ("" if free is None else f" [free {free / 2**30:.2f} GB]"))
+                "memory %s: %s", self.mode, plan.describe() + ("" if free is None else f" [free {free / 2**30:.2f} GB]")
+            )
         self.plan = plan
         return plan
 
@@ -275,8 +298,9 @@ class Residency:
         if self._dit_key == key:
             return
         self._drop_dit_streamer()
-        self.dit_streamer = stream_dit(dit, plan.dit_swap, self.device, self.offload_device, pin=self.pin,
-                                       trace=self.trace)
+        self.dit_streamer = stream_dit(
+            dit, plan.dit_swap, self.device, self.offload_device, pin=self.pin, trace=self.trace
+        )
         self._dit_key = key
 
     def park_dit(self, dit) -> None:
@@ -298,8 +322,9 @@ class Residency:
             return
         self._drop_te_streamer()
         if plan.te_swap:
-            self.te_streamer = stream_text_encoder(te.model, plan.te_swap, self.device, self.offload_device,
-                                                   pin=self.pin, trace=self.trace)
+            self.te_streamer = stream_text_encoder(
+                te.model, plan.te_swap, self.device, self.offload_device, pin=self.pin, trace=self.trace
+            )
             te.model.rotary_emb.to(torch.float32)
             _set_text_encoder_device(te, self.device)
         else:
@@ -332,8 +357,15 @@ class Residency:
 
 
 def _decision(plan: MemoryPlan) -> tuple:
-    return (plan.mode, plan.dit_swap, plan.te_swap, plan.offload_text_encoder, plan.offload_dit, plan.vae_tile,
-            plan.fits)
+    return (
+        plan.mode,
+        plan.dit_swap,
+        plan.te_swap,
+        plan.offload_text_encoder,
+        plan.offload_dit,
+        plan.vae_tile,
+        plan.fits,
+    )
 
 
 def _set_text_encoder_device(te, device: torch.device) -> None:
@@ -356,6 +388,8 @@ def check_quant(fn, quant: str | None, what: str) -> dict:
     if quant in (None, "none"):
         return {}
     if "quant" not in inspect.signature(fn).parameters:
-        raise ZImageError(f"quantization '{quant}' for the {what} needs zimage_core.quant, which this installation "
-                          "does not have; update the package or use --quant none.")
+        raise ZImageError(
+            f"quantization '{quant}' for the {what} needs zimage_core.quant, which this installation "
+            "does not have; update the package or use --quant none."
+        )
     return {"quant": quant}

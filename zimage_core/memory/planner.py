@@ -65,7 +65,9 @@ def parse_memory_mode(text: str | MemoryMode | None) -> MemoryMode:
     try:
         n = int(arg)
     except ValueError:
-        raise ZImageError(f"memory mode '{text}': '{arg}' is not a whole number of blocks; e.g. block-swap:8.") from None
+        raise ZImageError(
+            f"memory mode '{text}': '{arg}' is not a whole number of blocks; e.g. block-swap:8."
+        ) from None
     if n < 1:
         raise ZImageError(f"memory mode '{text}': stream at least 1 block (block-swap:0 is the same as full).")
     return MemoryMode("block-swap", n)
@@ -207,8 +209,14 @@ def plan_memory(
         kind = "full" if m.kind == "auto" else m.kind
         swap = {"block-swap": min(m.blocks or 0, n_blocks), "sequential": n_blocks}.get(kind, 0)
         te_all = len(te.blocks) if kind == "sequential" else 0
-        return MemoryPlan(kind, dit_swap=swap, te_swap=te_all, offload_text_encoder=kind != "full",
-                          offload_dit=kind == "sequential", reason="no device memory limit" if m.kind == "auto" else "")
+        return MemoryPlan(
+            kind,
+            dit_swap=swap,
+            te_swap=te_all,
+            offload_text_encoder=kind != "full",
+            offload_dit=kind == "sequential",
+            reason="no device memory limit" if m.kind == "auto" else "",
+        )
     budget = max(free - reserve, 0)
     te_fit = _fewest(te, budget)
     te_swap = te_fit if te_fit is not None else len(te.blocks)
@@ -218,23 +226,41 @@ def plan_memory(
 
     def offload_plan(reason: str) -> MemoryPlan:
         keep_dit = dit.total + vae_need <= budget
-        return MemoryPlan("text-encoder-offload", offload_text_encoder=True, offload_dit=not keep_dit,
-                          te_swap=te_swap, vae_tile=tile, reason=reason)
+        return MemoryPlan(
+            "text-encoder-offload",
+            offload_text_encoder=True,
+            offload_dit=not keep_dit,
+            te_swap=te_swap,
+            vae_tile=tile,
+            reason=reason,
+        )
 
     def swap_plan(n: int, reason: str, fits: bool = True) -> MemoryPlan:
         kind = "sequential" if n >= n_blocks else "block-swap"
-        return MemoryPlan(kind, dit_swap=min(n, n_blocks), te_swap=len(te.blocks) if kind == "sequential" else te_swap,
-                          offload_text_encoder=True, offload_dit=True, vae_tile=tile, reason=reason, fits=fits)
+        return MemoryPlan(
+            kind,
+            dit_swap=min(n, n_blocks),
+            te_swap=len(te.blocks) if kind == "sequential" else te_swap,
+            offload_text_encoder=True,
+            offload_dit=True,
+            vae_tile=tile,
+            reason=reason,
+            fits=fits,
+        )
 
     if m.kind == "full":
-        return MemoryPlan("full", reason="" if need_full <= budget else f"needs ~{_fmt(need_full)}, {_fmt(budget)} free",
-                          fits=need_full <= budget)
+        return MemoryPlan(
+            "full",
+            reason="" if need_full <= budget else f"needs ~{_fmt(need_full)}, {_fmt(budget)} free",
+            fits=need_full <= budget,
+        )
     if m.kind == "text-encoder-offload":
         return offload_plan("")
     if m.kind == "block-swap":
         if m.blocks > n_blocks:
-            log.warning("block-swap:%d asks for more blocks than the model has (%d); streaming all of them.",
-                        m.blocks, n_blocks)
+            log.warning(
+                "block-swap:%d asks for more blocks than the model has (%d); streaming all of them.", m.blocks, n_blocks
+            )
         return swap_plan(m.blocks, "")
     if m.kind == "sequential":
         return swap_plan(n_blocks, "")
@@ -242,13 +268,22 @@ def plan_memory(
     if need_full <= budget:
         return MemoryPlan("full", reason=f"everything fits: ~{_fmt(need_full)} of {_fmt(budget)} usable")
     if dit.stage() <= budget:
-        return offload_plan(f"all at once needs ~{_fmt(need_full)}, {_fmt(budget)} usable; "
-                            f"the DiT alone needs ~{_fmt(dit.stage())}")
+        return offload_plan(
+            f"all at once needs ~{_fmt(need_full)}, {_fmt(budget)} usable; the DiT alone needs ~{_fmt(dit.stage())}"
+        )
     n = _fewest(dit, budget)
     if n is not None and n < n_blocks:
-        return swap_plan(n, f"the DiT needs ~{_fmt(dit.stage())}, {_fmt(budget)} usable; streaming {n} of "
-                            f"{n_blocks} blocks needs ~{_fmt(dit.stage(n))}")
+        return swap_plan(
+            n,
+            f"the DiT needs ~{_fmt(dit.stage())}, {_fmt(budget)} usable; streaming {n} of "
+            f"{n_blocks} blocks needs ~{_fmt(dit.stage(n))}",
+        )
     fits = n is not None
-    return swap_plan(n_blocks, (f"streaming every block needs ~{_fmt(dit.stage(n_blocks))}, {_fmt(budget)} usable"
-                                + ("" if fits else "; it may run out of memory: try --quant nf4 or a smaller size")),
-                     fits=fits)
+    return swap_plan(
+        n_blocks,
+        (
+            f"streaming every block needs ~{_fmt(dit.stage(n_blocks))}, {_fmt(budget)} usable"
+            + ("" if fits else "; it may run out of memory: try --quant nf4 or a smaller size")
+        ),
+        fits=fits,
+    )

@@ -117,8 +117,15 @@ class BlockStreamer:
         self.owner = owner
         if owner is not None:  # so code that only has the model can end a stage (flush_streamers)
             owner.__dict__.setdefault(_OWNER_ATTR, []).append(self)
-        log.info("%s: streaming %d blocks (%.0f MB) from %s%s to %s", name, n, sum(self.block_bytes) / 2**20,
-                 self.offload_device, " (pinned)" if self.pin else "", self.device)
+        log.info(
+            "%s: streaming %d blocks (%.0f MB) from %s%s to %s",
+            name,
+            n,
+            sum(self.block_bytes) / 2**20,
+            self.offload_device,
+            " (pinned)" if self.pin else "",
+            self.device,
+        )
 
     # ---- setup ---------------------------------------------------------------------------------
     def _home_copy(self, t: torch.Tensor) -> torch.Tensor:
@@ -127,8 +134,9 @@ class BlockStreamer:
             try:
                 home = home.pin_memory()
             except RuntimeError as e:  # out of pinnable memory: still correct, copies just do not overlap
-                log.warning("%s: could not pin host memory (%s); streaming from pageable memory (slower).",
-                            self.name, e)
+                log.warning(
+                    "%s: could not pin host memory (%s); streaming from pageable memory (slower).", self.name, e
+                )
                 self.pin = False
         return home
 
@@ -181,8 +189,10 @@ class BlockStreamer:
         if i in self._active:
             return
         if self._trains[i] and torch.is_grad_enabled():
-            raise ZImageError(f"{self.name}: memory streaming is for inference; it cannot train weights that "
-                              "need gradients. Use the full memory mode for training.")
+            raise ZImageError(
+                f"{self.name}: memory streaming is for inference; it cannot train weights that "
+                "need gradients. Use the full memory mode for training."
+            )
         if self._last_entered is not None and self._last_entered != i:
             self._next[self._last_entered] = i  # learn the real order
         self._last_entered = i
@@ -359,8 +369,12 @@ def dit_stream_blocks(dit, n: int) -> list[nn.Module]:
 
 
 def dit_block_count(dit) -> int:
-    return (len(dit.noise_refiner) + len(dit.layers) + len(dit.context_refiner)
-            + len(getattr(dit, "siglip_refiner", None) or []))
+    return (
+        len(dit.noise_refiner)
+        + len(dit.layers)
+        + len(dit.context_refiner)
+        + len(getattr(dit, "siglip_refiner", None) or [])
+    )
 
 
 def stream_dit(dit, n: int, device, offload_device="cpu", **kw) -> BlockStreamer | None:
@@ -380,7 +394,8 @@ def stream_text_encoder(model: nn.Module, n: int, device, offload_device="cpu", 
         model.to(device)
         return None
     blocks = pick_blocks(list(model.layers), n)
-    streamer = BlockStreamer(blocks, device, offload_device, entry_children=(), name=kw.pop("name", "text encoder"),
-                             owner=model, **kw)
+    streamer = BlockStreamer(
+        blocks, device, offload_device, entry_children=(), name=kw.pop("name", "text encoder"), owner=model, **kw
+    )
     move_resident(model, blocks, device)
     return streamer

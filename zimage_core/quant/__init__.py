@@ -26,9 +26,21 @@ from .linear import (
 from .load import DIT_POLICY, QUANT_MODES, TEXT_ENCODER_POLICY, check_mode
 
 __all__ = [
-    "DIT_POLICY", "FP8Linear", "GGUFLinear", "Int8Linear", "NF4Linear", "QUANT_MODES", "QuantLinear",
-    "TEXT_ENCODER_POLICY", "check_mode", "describe", "is_quantized", "quantize_linear", "quantize_model",
-    "share_workspace", "storage_bytes",
+    "DIT_POLICY",
+    "FP8Linear",
+    "GGUFLinear",
+    "Int8Linear",
+    "NF4Linear",
+    "QUANT_MODES",
+    "QuantLinear",
+    "TEXT_ENCODER_POLICY",
+    "check_mode",
+    "describe",
+    "is_quantized",
+    "quantize_linear",
+    "quantize_model",
+    "share_workspace",
+    "storage_bytes",
 ]
 
 
@@ -70,8 +82,10 @@ def describe(model: nn.Module) -> str:
         return f"not quantized: {n_linear} linear layers, {_gb(other)} of weights in {name}"
     width = 2 if dtype is None else dtype.itemsize
     kinds = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
-    return (f"quantized {sum(counts.values())} of {n_linear} linear layers ({kinds}): {_gb(quant)} "
-            f"(would be {_gb(full * width)} in {name}); {_gb(other)} of other weights kept in {name}")
+    return (
+        f"quantized {sum(counts.values())} of {n_linear} linear layers ({kinds}): {_gb(quant)} "
+        f"(would be {_gb(full * width)} in {name}); {_gb(other)} of other weights kept in {name}"
+    )
 
 
 def quantize_model(model: nn.Module, mode: str, policy=DIT_POLICY) -> nn.Module:

@@ -90,8 +90,9 @@ def scan(src, what: str = "model") -> dict[str, QuantizedWeight]:
         elif layer in confs:
             conf = confs[layer]
         else:
-            conf = next((c for name, c in confs.items() if layer.endswith("." + name) or name.endswith("." + layer)),
-                        None)
+            conf = next(
+                (c for name, c in confs.items() if layer.endswith("." + name) or name.endswith("." + layer)), None
+            )
         scale = next((layer + s for s in SCALE_SUFFIXES if layer + s in keys), None)
         inp = next((layer + s for s in INPUT_SCALE_SUFFIXES if layer + s in keys), None)
         if conf is None and dtype not in FP8_NAMES:
@@ -107,9 +108,13 @@ def scan(src, what: str = "model") -> dict[str, QuantizedWeight]:
             )
         want = "I8" if fmt == "int8_tensorwise" else ("F8_E4M3" if fmt == "float8_e4m3fn" else "F8_E5M2")
         if dtype != want:
-            raise CheckpointError(f"{what}: '{key}' is stored as {dtype} but its recipe says {fmt}; the file is damaged.")
+            raise CheckpointError(
+                f"{what}: '{key}' is stored as {dtype} but its recipe says {fmt}; the file is damaged."
+            )
         if fmt == "int8_tensorwise" and scale is None:
-            raise CheckpointError(f"{what}: the int8 weight '{key}' has no '{layer}.weight_scale'; the file is incomplete.")
+            raise CheckpointError(
+                f"{what}: the int8 weight '{key}' has no '{layer}.weight_scale'; the file is incomplete."
+            )
         had = int(conf.get("convrot_groupsize", 256)) if conf and conf.get("convrot") else 0
         out[key] = QuantizedWeight(layer, fmt, scale, inp, bool((conf or {}).get("full_precision_matrix_mult")), had)
     return out
@@ -134,18 +139,22 @@ def _scale_rows(src, q: QuantizedWeight, rows: int) -> torch.Tensor:
         return torch.ones(1)
     s = src[q.scale_key].float().reshape(-1)
     if s.numel() not in (1, rows):
-        raise CheckpointError(f"'{q.scale_key}' has {s.numel()} values for a weight of {rows} rows; "
-                              "block-wise scales are not supported.")
+        raise CheckpointError(
+            f"'{q.scale_key}' has {s.numel()} values for a weight of {rows} rows; block-wise scales are not supported."
+        )
     return s
 
 
-def build_linear(src, parts: list[tuple[str, QuantizedWeight]], fp8_matmul: bool = True,
-                 bias: torch.Tensor | None = None) -> QuantLinear:
+def build_linear(
+    src, parts: list[tuple[str, QuantizedWeight]], fp8_matmul: bool = True, bias: torch.Tensor | None = None
+) -> QuantLinear:
     """A quantized linear from one stored weight, or from several stacked along the rows (split q/k/v -> qkv)."""
     fmts = {(q.format, q.hadamard) for _, q in parts}
     if len(fmts) != 1:
-        raise CheckpointError(f"the parts {[k for k, _ in parts]} of one fused layer are quantized differently; "
-                              "re-save the file with one format for q, k and v.")
+        raise CheckpointError(
+            f"the parts {[k for k, _ in parts]} of one fused layer are quantized differently; "
+            "re-save the file with one format for q, k and v."
+        )
     weights, scales, inputs = [], [], []
     for key, q in parts:
         w = src[key]
@@ -164,16 +173,22 @@ def build_linear(src, parts: list[tuple[str, QuantizedWeight]], fp8_matmul: bool
     return FP8Linear(w, s, bias, input_scale=inp, fp8_matmul=fp8_matmul and not any(q.full_precision for _, q in parts))
 
 
-def plan_linears(src, found: Mapping[str, QuantizedWeight], to_native: Callable[[str], str | None],
-                 fuse: Mapping[str, list[str]] | None = None) -> dict[str, list[tuple[str, QuantizedWeight]]]:
+def plan_linears(
+    src,
+    found: Mapping[str, QuantizedWeight],
+    to_native: Callable[[str], str | None],
+    fuse: Mapping[str, list[str]] | None = None,
+) -> dict[str, list[tuple[str, QuantizedWeight]]]:
     """``{model module name: [(stored weight key, recipe), ...]}``; ``fuse`` maps a module to its stored parts."""
     plan: dict[str, list[tuple[str, QuantizedWeight]]] = {}
     fused_parts = {p for parts in (fuse or {}).values() for p in parts}
     for module, parts in (fuse or {}).items():
         quantized = [p for p in parts if p in found]
         if quantized and len(quantized) != len(parts):
-            raise CheckpointError(f"of {parts}, only {quantized} are quantized; the fused layer '{module}' "
-                                  "needs all or none of them quantized.")
+            raise CheckpointError(
+                f"of {parts}, only {quantized} are quantized; the fused layer '{module}' "
+                "needs all or none of them quantized."
+            )
         if quantized:
             plan[module] = [(p, found[p]) for p in parts]
     for key, q in found.items():

@@ -28,9 +28,19 @@ QK_K = 256
 CHUNK = 1 << 20  # values decoded at a time (4 MB float32 temporaries, reused from call to call)
 # ggml type id -> (name, values per block, bytes per block)
 TYPES: dict[int, tuple[str, int, int]] = {
-    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
-    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
-    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 30: ("BF16", 1, 2),
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    30: ("BF16", 1, 2),
 }
 FLOAT_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
 
@@ -163,7 +173,16 @@ def _q3_k(b):
 
 
 KERNELS: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
-    2: _q4_0, 3: _q4_1, 6: _q5_0, 7: _q5_1, 8: _q8_0, 10: _q2_k, 11: _q3_k, 12: _q4_k, 13: _q5_k, 14: _q6_k,
+    2: _q4_0,
+    3: _q4_1,
+    6: _q5_0,
+    7: _q5_1,
+    8: _q8_0,
+    10: _q2_k,
+    11: _q3_k,
+    12: _q4_k,
+    13: _q5_k,
+    14: _q6_k,
 }
 
 
@@ -176,8 +195,13 @@ def check_kernel(qtype: int) -> None:
         raise ValueError(f"no dequantization kernel for GGUF type {type_name(qtype)}")
 
 
-def dequantize(raw: torch.Tensor, qtype: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize(
+    raw: torch.Tensor,
+    qtype: int,
+    shape: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Raw ggml bytes (uint8, any shape holding ``prod(shape)`` values) -> a ``dtype`` tensor of ``shape``
     (written into ``out`` when given)."""
     if qtype in FLOAT_TYPES:
@@ -237,8 +261,9 @@ class GGUFSource:
         try:
             import gguf
         except ImportError as e:
-            raise CheckpointError(f"{what}: '{path}' is a GGUF file; reading it needs the 'gguf' package "
-                                  "(pip install gguf).") from e
+            raise CheckpointError(
+                f"{what}: '{path}' is a GGUF file; reading it needs the 'gguf' package (pip install gguf)."
+            ) from e
         try:
             reader = gguf.GGUFReader(str(self.path), "r")
         except (ValueError, OSError, IndexError) as e:
@@ -301,8 +326,11 @@ class GGUFSource:
             return dequantize(raw, t.qtype, t.shape, dtype or torch.float32)
         import gguf
 
-        log.warning("GGUF tensor '%s' is %s, which has no fast kernel here: decoding it with the gguf package",
-                    key, type_name(t.qtype))
+        log.warning(
+            "GGUF tensor '%s' is %s, which has no fast kernel here: decoding it with the gguf package",
+            key,
+            type_name(t.qtype),
+        )
         values = gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType(t.qtype))
         return torch.from_numpy(np.ascontiguousarray(values)).reshape(t.shape).to(dtype or torch.float32)
 

@@ -75,8 +75,9 @@ def quantize_q5_k(blocks: np.ndarray) -> np.ndarray:
     n = q.shape[0]
     high = (q >> 4) & 1  # [n, 8, 32]: bit s of byte l is the fifth bit of value s*32 + l
     qh = (high << np.arange(8, dtype=np.uint8)[None, :, None]).sum(axis=1).astype(np.uint8)
-    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_scales_k4(sc, mn), qh.reshape(n, 32), _low_high(q)],
-                          axis=1)
+    return np.concatenate(
+        [_f16_bytes(d), _f16_bytes(dmin), _pack_scales_k4(sc, mn), qh.reshape(n, 32), _low_high(q)], axis=1
+    )
 
 
 def quantize_q6_k(blocks: np.ndarray) -> np.ndarray:
@@ -116,8 +117,13 @@ def quantize(w: torch.Tensor | np.ndarray, qtype: str) -> np.ndarray:
     return gguf.quants.quantize(arr, t)
 
 
-def save_gguf(state: Mapping[str, torch.Tensor], path: str | os.PathLike, qtype: str,
-              should_quantize: Callable[[str, torch.Tensor], bool] | None = None, arch: str = "lumina2") -> Path:
+def save_gguf(
+    state: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    qtype: str,
+    should_quantize: Callable[[str, torch.Tensor], bool] | None = None,
+    arch: str = "lumina2",
+) -> Path:
     """Write ``state`` to ``path``: 2-D weights accepted by ``should_quantize`` (default: every 2-D weight whose
     rows are whole blocks) as ``qtype``; other tensors as F32, except 2-D F16/BF16 ones, which keep their type."""
     import gguf

@@ -28,10 +28,22 @@ FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
 # The 16 NF4 levels (bitsandbytes' table: quantiles of N(0, 1) normalised to [-1, 1]).
 NF4_LEVELS = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
 )
 
 
@@ -60,16 +72,18 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
-                    ) -> torch.Tensor:
+def dequantize_int8(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``q * scale[:, None]`` computed in float32, stored in ``dtype`` (into ``out`` when given)."""
     if out is None:
         return (q.float() * scale.view(-1, 1)).to(dtype)
     return out.copy_(q).mul_(scale.view(-1, 1))  # the in-place multiply runs in float32 too
 
 
-def scaled_rows_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+def scaled_rows_linear(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``x @ (q * scale[:, None]).T + bias`` for int8/fp8 ``q`` whose values the compute dtype holds exactly:
     the matmul runs on ``q`` itself and the per-row scale multiplies the (small) output, so the only temporary
     the size of the weight is ``q`` in the compute dtype (``out`` when given). For bf16/fp32 inputs (fp16
@@ -110,12 +124,24 @@ def quantize_nf4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, absmax
 
 
-def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
-                   use_bnb: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_nf4(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    use_bnb: bool = True,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The ``shape`` weight in ``dtype`` (into ``out`` when given); bitsandbytes' kernel when it is usable."""
     if use_bnb and (bnb := bitsandbytes_functional()) is not None and packed.device.type in ("cpu", "cuda"):
-        state = bnb.QuantState(absmax=absmax, shape=torch.Size(shape), code=_nf4_code(packed.device),
-                               blocksize=NF4_BLOCK, quant_type="nf4", dtype=dtype)
+        state = bnb.QuantState(
+            absmax=absmax,
+            shape=torch.Size(shape),
+            code=_nf4_code(packed.device),
+            blocksize=NF4_BLOCK,
+            quant_type="nf4",
+            dtype=dtype,
+        )
         if out is None or packed.device.type == "cuda":
             return bnb.dequantize_4bit(packed.view(-1, 1), state, out=out)
         # bitsandbytes has no CPU kernel with out=: decode fixed-size pieces and copy them (small temporaries,
@@ -123,8 +149,14 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int,
         flat, step = out.view(-1), 4 * DEQUANT_CHUNK
         for i in range(0, flat.numel(), step):
             n = min(step, flat.numel() - i)
-            piece = bnb.QuantState(absmax=absmax[i // NF4_BLOCK : (i + n) // NF4_BLOCK], shape=torch.Size((n,)),
-                                   code=state.code, blocksize=NF4_BLOCK, quant_type="nf4", dtype=dtype)
+            piece = bnb.QuantState(
+                absmax=absmax[i // NF4_BLOCK : (i + n) // NF4_BLOCK],
+                shape=torch.Size((n,)),
+                code=state.code,
+                blocksize=NF4_BLOCK,
+                quant_type="nf4",
+                dtype=dtype,
+            )
             flat[i : i + n] = bnb.dequantize_4bit(packed.view(-1)[i // 2 : (i + n) // 2].view(-1, 1), piece)
         return out
     # Plain torch, in small fixed-size pieces (float32 temporaries reused rather than fragmenting the heap).
@@ -171,8 +203,9 @@ def _quiet(logger_name: str):
 # ---------------------------------------------------------------------------------------------
 # fp8 with per-tensor or per-row scales
 # ---------------------------------------------------------------------------------------------
-def quantize_fp8(w: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, per_row: bool = True
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8(
+    w: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, per_row: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``[out, in]`` -> (fp8 ``[out, in]``, float32 scale ``[out]`` or ``[1]``) with ``w ~ q * scale``."""
     top = FP8_MAX[dtype]
     if per_row:
@@ -187,8 +220,9 @@ def quantize_fp8(w: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, per_
     return q, scale
 
 
-def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
-                   ) -> torch.Tensor:
+def dequantize_fp8(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
     if out is None:
         return (q.float() * scale.view(-1, 1)).to(dtype)
     return out.copy_(q).mul_(scale.view(-1, 1))
@@ -201,8 +235,9 @@ def fp8_matmul_supported(x: torch.Tensor, weight_dtype: torch.dtype) -> bool:
     return torch.cuda.get_device_capability(x.device) >= (8, 9)
 
 
-def fp8_linear(x: torch.Tensor, q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-               input_scale: torch.Tensor | None) -> torch.Tensor:
+def fp8_linear(
+    x: torch.Tensor, q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, input_scale: torch.Tensor | None
+) -> torch.Tensor:
     """``x @ (q * w_scale).T + bias`` with ``torch._scaled_mm``: x is quantized per tensor to e4m3 (static
     ``input_scale`` when the file has one, else its absmax), a per-row weight scale multiplies the output."""
     shape = x.shape

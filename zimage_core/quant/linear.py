@@ -80,8 +80,7 @@ class QuantLinear(nn.Module):
 
     def _scratch(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
         """The shared CPU scratch matrix for a forward, or None (GPU, autograd, torch.compile: allocate)."""
-        if self.workspace is None or device.type != "cpu" or torch.is_grad_enabled() \
-                or torch.compiler.is_compiling():
+        if self.workspace is None or device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
         return self.workspace.get((self.out_features, self.in_features), dtype, device)
 
@@ -97,8 +96,10 @@ class QuantLinear(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, " \
-               f"bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 class Int8Linear(QuantLinear):
@@ -149,8 +150,9 @@ class NF4Linear(QuantLinear):
 
     format = "nf4"
 
-    def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int],
-                 bias: torch.Tensor | None = None):
+    def __init__(
+        self, packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int], bias: torch.Tensor | None = None
+    ):
         super().__init__(shape[1], shape[0], bias)
         self.register_buffer("weight", packed.reshape(-1).contiguous())
         self.register_buffer("absmax_bits", _bits(absmax))
@@ -166,8 +168,9 @@ class NF4Linear(QuantLinear):
         return _f32(self.absmax_bits)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
-        return kernels.dequantize_nf4(self.weight, self.absmax, (self.out_features, self.in_features), dtype,
-                                      use_bnb=self.use_bnb, out=out)
+        return kernels.dequantize_nf4(
+            self.weight, self.absmax, (self.out_features, self.in_features), dtype, use_bnb=self.use_bnb, out=out
+        )
 
 
 class FP8Linear(QuantLinear):
@@ -175,8 +178,14 @@ class FP8Linear(QuantLinear):
     scale. Uses ``torch._scaled_mm`` on GPUs with fp8 tensor cores unless ``fp8_matmul`` is off (ComfyUI's
     ``full_precision_matrix_mult``, or a LoRA that wants the exact base); dequantizes everywhere else."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-                 input_scale: torch.Tensor | None = None, fp8_matmul: bool = True):
+    def __init__(
+        self,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        input_scale: torch.Tensor | None = None,
+        fp8_matmul: bool = True,
+    ):
         super().__init__(q.shape[1], q.shape[0], bias)
         if q.dtype not in kernels.FP8_MAX:
             raise TypeError(f"fp8 weights expected, got {q.dtype}")
@@ -204,8 +213,12 @@ class FP8Linear(QuantLinear):
         return kernels.dequantize_fp8(self.qweight, self.scale, dtype, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp8_matmul and kernels.fp8_matmul_supported(x, self.fp8_dtype) \
-                and self.in_features % 16 == 0 and self.out_features % 16 == 0:
+        if (
+            self.fp8_matmul
+            and kernels.fp8_matmul_supported(x, self.fp8_dtype)
+            and self.in_features % 16 == 0
+            and self.out_features % 16 == 0
+        ):
             inp = _f32(self.input_scale_bits) if self.input_scale_bits is not None else None
             return kernels.fp8_linear(x, self.qweight, self.scale, self.bias, inp)
         if x.dtype in _OUTPUT_SCALED:

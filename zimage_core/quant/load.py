@@ -29,8 +29,10 @@ from .linear import quantize_linear, share_workspace
 log = logging.getLogger(__name__)
 
 QUANT_MODES = ("none", "int8", "nf4", "fp8")
-DIT_POLICY = re.compile(r"(noise_refiner|context_refiner|siglip_refiner|layers)\.\d+\."
-                        r"(attention\.(qkv|out)|feed_forward\.w[123])")
+DIT_POLICY = re.compile(
+    r"(noise_refiner|context_refiner|siglip_refiner|layers)\.\d+\."
+    r"(attention\.(qkv|out)|feed_forward\.w[123])"
+)
 TEXT_ENCODER_POLICY = re.compile(r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)")
 # Linears that stay quantized when a file stores them so (the block matrices and the per-block modulation);
 # the file's other quantized layers (embedders, final layer) are small and are dequantized at load.
@@ -42,8 +44,10 @@ Getters = dict[str, Callable[[], torch.Tensor]]
 def check_mode(quant: str | None) -> str:
     mode = "none" if quant in (None, "", "off") else str(quant).lower()
     if mode not in QUANT_MODES:
-        raise ZImageError(f"unknown quantization '{quant}'; use one of {', '.join(QUANT_MODES)} "
-                          "(GGUF and pre-quantized files are recognised without it).")
+        raise ZImageError(
+            f"unknown quantization '{quant}'; use one of {', '.join(QUANT_MODES)} "
+            "(GGUF and pre-quantized files are recognised without it)."
+        )
     return mode
 
 
@@ -57,8 +61,16 @@ def _pop_bias(getters: Getters, name: str, dtype: torch.dtype, device) -> torch.
     return get().to(device=device, dtype=dtype) if get is not None else None
 
 
-def install_prequantized(model: nn.Module, plan: dict[str, list], src, getters: Getters, dtype: torch.dtype,
-                         device, keep: re.Pattern, fp8_matmul: bool = True) -> int:
+def install_prequantized(
+    model: nn.Module,
+    plan: dict[str, list],
+    src,
+    getters: Getters,
+    dtype: torch.dtype,
+    device,
+    keep: re.Pattern,
+    fp8_matmul: bool = True,
+) -> int:
     """Build the linears that the file stores quantized (``plan`` from :func:`comfy.plan_linears`).
 
     Layers outside ``keep`` (and quantized weights of modules that are not linears) are dequantized into
@@ -77,15 +89,18 @@ def install_prequantized(model: nn.Module, plan: dict[str, list], src, getters: 
         bias = _pop_bias(getters, name, dtype, device)
         lin = comfy.build_linear(src, parts, fp8_matmul=fp8_matmul, bias=bias).to(device)
         if (lin.out_features, lin.in_features) != (module.out_features, module.in_features):
-            raise CheckpointError(f"'{name}' is {lin.out_features}x{lin.in_features} in the file, expected "
-                                  f"{module.out_features}x{module.in_features}.")
+            raise CheckpointError(
+                f"'{name}' is {lin.out_features}x{lin.in_features} in the file, expected "
+                f"{module.out_features}x{module.in_features}."
+            )
         _set_module(model, name, lin)
         n += 1
     return n
 
 
-def quantize_linears(model: nn.Module, getters: Getters, mode: str, policy: re.Pattern, dtype: torch.dtype,
-                     device, what: str = "model") -> int:
+def quantize_linears(
+    model: nn.Module, getters: Getters, mode: str, policy: re.Pattern, dtype: torch.dtype, device, what: str = "model"
+) -> int:
     """Quantize-on-load: every meta-device ``nn.Linear`` whose name matches ``policy`` is read, quantized on
     ``device`` and replaced. Layers already quantized in the file are left as they are."""
     if mode == "none":
@@ -236,13 +251,23 @@ def load_gguf_dit(path, dtype: torch.dtype, device, mode: str = "none"):
         _set_module(model, name, GGUFLinear(raw, t0.qtype, (module.out_features, module.in_features), bias).to(device))
         n += 1
     if mode != "none":
-        log.info("diffusion model: '%s' is a GGUF file, already quantized; --quant %s is ignored", Path(path).name, mode)
+        log.info(
+            "diffusion model: '%s' is a GGUF file, already quantized; --quant %s is ignored", Path(path).name, mode
+        )
     materialize(model, getters, dtype, device, what=f"diffusion model '{path}'")
     model.eval().requires_grad_(False)
     share_workspace(model)
     trim_host_memory()
-    log.info("loaded %s DiT (GGUF %s, %d quantized linears, %d layers, dim %d) computing in %s on %s",
-             Path(path).name, summary(src), n, cfg.n_layers, cfg.dim, dtype, device)
+    log.info(
+        "loaded %s DiT (GGUF %s, %d quantized linears, %d layers, dim %d) computing in %s on %s",
+        Path(path).name,
+        summary(src),
+        n,
+        cfg.n_layers,
+        cfg.dim,
+        dtype,
+        device,
+    )
     return model
 
 
@@ -270,8 +295,13 @@ def gguf_dit_sizes(path, dtype: torch.dtype) -> tuple:
     sizes = {}
     for k, stored in parts.items():
         ts = [src.tensors[s] for s in stored]
-        kept = (k.endswith(".weight") and DIT_STORED_POLICY.fullmatch(k[: -len(".weight")]) is not None
-                and len({t.qtype for t in ts}) == 1 and ts[0].quantized and has_kernel(ts[0].qtype))
+        kept = (
+            k.endswith(".weight")
+            and DIT_STORED_POLICY.fullmatch(k[: -len(".weight")]) is not None
+            and len({t.qtype for t in ts}) == 1
+            and ts[0].quantized
+            and has_kernel(ts[0].qtype)
+        )
         sizes[k] = sum(t.nbytes for t in ts) if kept else sum(int(np.prod(t.shape)) for t in ts) * elt
     return _gguf_config(src, parts), sizes
 
@@ -287,18 +317,27 @@ def dit_file_info(path) -> dict:
         src = GGUFSource(path, "diffusion model")
         parts, layout = _gguf_dit_parts(src, path)
         kinds = ", ".join(f"{k} x{v}" for k, v in summary(src).items())
-        return {"layout": layout, "format": "gguf", "quantization": f"GGUF: {kinds}",
-                "config": dataclasses.asdict(_gguf_config(src, parts))}
+        return {
+            "layout": layout,
+            "format": "gguf",
+            "quantization": f"GGUF: {kinds}",
+            "config": dataclasses.asdict(_gguf_config(src, parts)),
+        }
     ckpt = DiTCheckpoint(path)
-    return {"layout": ckpt.layout, "format": "safetensors", "quantization": comfy.describe(ckpt.source) or "none",
-            "config": dataclasses.asdict(ckpt.config)}
+    return {
+        "layout": ckpt.layout,
+        "format": "safetensors",
+        "quantization": comfy.describe(ckpt.source) or "none",
+        "config": dataclasses.asdict(ckpt.config),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # The text encoder
 # ---------------------------------------------------------------------------------------------
-def prepare_text_encoder(model: nn.Module, view, n_run: int, getters: Getters, dtype: torch.dtype, device,
-                         mode: str) -> None:
+def prepare_text_encoder(
+    model: nn.Module, view, n_run: int, getters: Getters, dtype: torch.dtype, device, mode: str
+) -> None:
     """Same as :func:`prepare_dit` for the Qwen3 text encoder. ``view`` has the normalised keys; ``getters`` the
     plain ones, without the weights listed by :func:`text_encoder_quantized_keys` (built here instead)."""
     found = _te_found(view, n_run)

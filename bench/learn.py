@@ -34,7 +34,8 @@ from train.data.synthetic import CLASSES  # noqa: E402
 from train.encoders import random_tiny_text_encoder, random_tiny_vae  # noqa: E402
 from train.objective import dynamic_mu  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
-from zimage_core.pipeline import GenerateOptions, ZImagePipeline, initial_noise  # noqa: E402
+from zimage_core.pipeline import GenerateOptions, ZImagePipeline  # noqa: E402
+from zimage_core.sampling import initial_noise, latent_shape  # noqa: E402
 from zimage_core.vae import pil_to_tensor  # noqa: E402
 
 SIZE = 64
@@ -99,7 +100,7 @@ def generate(dit, te, vae, captions: list[str], seeds: list[int], cfg: float, sh
     opts = GenerateOptions(prompt=captions, width=SIZE, height=SIZE, steps=8, cfg=cfg, shift=shift)
     out = {c: [] for c in captions}
     for seed in seeds:
-        lat = pipe.sample(cond, uncond, initial_noise(len(captions), SIZE, SIZE, seed), opts)
+        lat = pipe.sample(cond, uncond, initial_noise(latent_shape(len(captions), SIZE, SIZE), seed), opts)
         for c, z in zip(captions, lat):
             out[c].append(z.flatten())
     return {c: torch.stack(v) for c, v in out.items()}

@@ -78,10 +78,10 @@ def cpu_child(args) -> None:
     import torch
 
     from zimage_core.checkpoints import load_dit
-    from zimage_core.pipeline import Denoiser, initial_noise
+    from zimage_core.denoiser import Denoiser
     from zimage_core.quant import describe, storage_bytes
     from zimage_core.quant.kernels import bitsandbytes_functional
-    from zimage_core.sampling import get_sampler, noise_latent
+    from zimage_core.sampling import get_sampler, initial_noise, latent_shape, noise_latent
     from zimage_core.schedules import flow_sigmas
 
     torch.set_grad_enabled(False)
@@ -97,7 +97,7 @@ def cpu_child(args) -> None:
     reset_peak()
     h = w = args.size // 8
     caption = [torch.randn(32, dit.cfg.cap_feat_dim, generator=torch.Generator().manual_seed(1))]
-    noise = initial_noise(1, args.size, args.size, 0)
+    noise = initial_noise(latent_shape(1, args.size, args.size), 0)
     sigmas = flow_sigmas(args.steps, 3.0)
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -262,8 +262,8 @@ def build_gpu_model(root: Path, tokenizer: Path) -> Path:
     from tests.factories.pipeline import QWEN3_USER_TEMPLATE
     from tests.factories.text_encoder import hf_config
     from tests.factories.vae import make_diffusers_vae
-    from zimage_core.checkpoints import config_to_diffusers
     from zimage_core.config import DiTConfig, TextEncoderConfig, VAEConfig
+    from zimage_core.dit_layout import config_to_diffusers
 
     if (root / "model_index.json").exists():
         return root

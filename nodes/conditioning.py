@@ -13,8 +13,8 @@ import logging
 
 import torch
 
+from ..zimage_core.errors import ZImageError
 from . import host
-from ._engine import ZImageError
 from .handles import ZImageTextEncoderHandle
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from ..zimage_core import edit, vae, vision
+from ..zimage_core.errors import ZImageError
 from . import host, paths
-from ._engine import ZImageError, core
 from .conditioning import caption_features, host_intermediate_device
 from .handles import EncoderHandle, ZImageTextEncoderHandle
 from .loaders import WEIGHT_DTYPES, pick_dtype
@@ -63,7 +64,6 @@ def vision_choices() -> list[str]:
 
 
 def resolve_vision(name: str) -> Path:
-    vision = core("vision")
     folders = vision_folders()
     if name in folders:
         return folders[name]
@@ -127,7 +127,7 @@ class ZImageVisionLoader:
         load_device, offload_device = host.text_encoder_devices()
         dtype = pick_dtype(weight_dtype, load_device)
         inside = host.comfy_module("comfy.model_patcher") is not None
-        encoder = core("vision").VisionEncoder.load(path, dtype=dtype, device=offload_device if inside else load_device)
+        encoder = vision.VisionEncoder.load(path, dtype=dtype, device=offload_device if inside else load_device)
         return (ZImageVisionHandle(encoder, vision_name, load_device, offload_device),)
 
 
@@ -168,7 +168,7 @@ def _images(*inputs) -> list[torch.Tensor]:
 
 
 def _encode_segments(handle: ZImageTextEncoderHandle, text: str, n: int, max_length: int | None):
-    return core("edit").encode_omni_prompt(handle.ready(), text, n, max_length)
+    return edit.encode_omni_prompt(handle.ready(), text, n, max_length)
 
 
 class ZImageEditConditioning:
@@ -276,7 +276,6 @@ class ZImageEditConditioning:
             raise ZImageError("text and negative_text must be strings.")
         if not isinstance(max_length, int) or max_length < 0:
             raise ZImageError(f"max_length must be 0 (no limit) or a positive number of tokens, got {max_length!r}.")
-        edit = core("edit")
         images = _images(image1, image2, image3)
         if not images:
             raise ZImageError("no reference image: connect Load Image to image1.")
@@ -374,7 +373,6 @@ def edit_conditions(conditioning, which: str, batch: int, config) -> list:
     feats = caption_features(conditioning, which, batch, config.cap_feat_dim)
     if not has_references(conditioning):
         return feats
-    edit, vae = core("edit"), core("vae")
     opts = _opts(conditioning)
     refs = list(opts["reference_latents"])
     texts = list(opts.get("reference_latents_text_embeds") or [])

@@ -11,8 +11,9 @@ import logging
 import weakref
 from pathlib import Path
 
+from ..zimage_core import enhancer
+from ..zimage_core.errors import ZImageError
 from . import host, paths
-from ._engine import ZImageError, core
 from .edit import hf_folders
 from .handles import ZImageTextEncoderHandle
 from .loaders import pick_dtype
@@ -157,7 +158,7 @@ class ZImagePromptEnhancer:
         encoder = handle.ready()
         if self._tied is not None and self._tied[0]() is encoder:
             return self._tied[1]
-        lm = core("enhancer").CausalLM.from_text_encoder(encoder)
+        lm = enhancer.CausalLM.from_text_encoder(encoder)
         self._tied = (weakref.ref(encoder), lm)
         return lm
 
@@ -168,7 +169,7 @@ class ZImagePromptEnhancer:
         if self._llm is None or self._llm[:2] != (path, dtype):
             self._llm = None
             inside = host.comfy_module("comfy.model_patcher") is not None
-            lm = core("enhancer").CausalLM.load(
+            lm = enhancer.CausalLM.load(
                 path,
                 dtype=dtype,
                 device=offload_device if inside else load_device,

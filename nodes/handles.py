@@ -11,7 +11,6 @@ back when a view with other LoRAs (or none) samples next.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,8 +18,10 @@ from pathlib import Path
 
 import torch
 
+from ..zimage_core.lora import apply_loras, load_lora
+from ..zimage_core.lora_formats import check_lora, target_table
+from ..zimage_core.memory import MemoryMode, Residency
 from . import host
-from ._engine import ZImageError, core
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,10 @@ class LoraSpec:
 class DiTSlot:
     """One loaded DiT and the LoRA state its weights are in now.
 
-    With ``swap`` > 0 that many transformer blocks stream from pinned host memory (block-swap / sequential):
-    only the resident part is registered with ComfyUI, so ComfyUI counts and moves just that, and asks for
-    room for the two staged blocks on top when it loads the model.
+    ``residency`` is the engine's placement for the DiT, planned by the loader. When its plan streams blocks
+    (block-swap / sequential) they live in pinned host memory and only the resident part is registered with
+    ComfyUI, so ComfyUI counts and moves just that, and asks for room for the two staged blocks on top when it
+    loads the model.
     """
 
     def __init__(
@@ -49,30 +51,20 @@ class DiTSlot:
         name: str,
         load_device: torch.device,
         offload_device: torch.device,
-        swap: int = 0,
+        residency: Residency,
         activation: int = 0,
     ):
         self.dit = dit
         self.name = name
         self.load_device = load_device
         self.offload_device = offload_device
-        self.streamer = None
+        self.residency = residency
         self.memory_required = 0
-        if swap > 0:
-            mem = core("memory")
-            blocks = mem.dit_stream_blocks(dit, swap)
-            # Streamed blocks live in (pinned) host memory whatever ComfyUI's offload device is.
-            self.streamer = mem.BlockStreamer(blocks, load_device, "cpu", name=f"Z-Image {name}", owner=dit)
-            self.memory_required = self.streamer.staging_bytes() + int(activation)
+        parts = residency.stream("dit", dit, label=f"Z-Image {name}")
+        if parts is not None:
+            self.memory_required = residency.staging_bytes("dit") + int(activation)
             self.patcher = host.register(
-                dit, load_device, offload_device, parts=mem.resident_parts(dit, blocks), on_move=self.streamer.flush
-            )
-            log.info(
-                "Z-Image: %s streams %d of %d blocks (%.0f MB in host memory)",
-                name,
-                len(blocks),
-                mem.streaming.dit_block_count(dit),
-                self.streamer.streamed_bytes() / 2**20,
+                dit, load_device, offload_device, parts=parts, on_move=lambda: residency.finish("dit")
             )
         else:
             self.patcher = host.register(dit, load_device, offload_device)
@@ -83,17 +75,17 @@ class DiTSlot:
     def config(self):
         return self.dit.cfg
 
+    @property
+    def streamer(self):
+        """The DiT's block streamer (None when nothing streams)."""
+        return self.residency.streamers.get("dit")
+
     def _move(self, device: torch.device) -> None:
-        if self.streamer is None:
-            self.dit.to(device)
-        else:
-            self.streamer.flush()
-            core("memory").streaming.move_resident(self.dit, self.streamer.blocks, device)
+        self.residency.move("dit", self.dit, device)
 
     def prepare(self, loras: tuple[LoraSpec, ...]):
         """Place the DiT on its compute device with exactly ``loras`` merged; returns the DiT."""
-        if self.streamer is not None:
-            self.streamer.flush()  # a prefetch left from an earlier run (e.g. an Omni sample) is dropped
+        self.residency.finish("dit")  # a prefetch left from an earlier run is dropped
         host.load(self.patcher, self.dit, self.load_device, mover=self._move, memory_required=self.memory_required)
         if len(loras) != len(self._applied) or any(a is not b for a, b in zip(loras, self._applied)):
             self.unpatch()
@@ -109,104 +101,20 @@ class DiTSlot:
         self._applied = ()
 
     def _patch(self, loras: tuple[LoraSpec, ...]) -> None:
-        lora_mod = require_lora_module()
         pairs = [(s.lora, s.strength) for s in loras]
-        if "backup_device" in inspect.signature(lora_mod.apply_loras).parameters:
-            # The engine backs up what it touches (on the offload device) and undoes it with handle.remove().
-            with torch.no_grad():
-                handle = lora_mod.apply_loras(self.dit, pairs, mode="merge", backup_device=self.offload_device)
-            self._restore = [handle.remove]
-        else:
-            self._patch_generic(lora_mod, pairs)
+        # The engine backs up what it touches (on the offload device) and undoes it with handle.remove().
+        with torch.no_grad():
+            handle = apply_loras(self.dit, pairs, mode="merge", backup_device=self.offload_device)
+        self._restore = [handle.remove]
         self._applied = tuple(loras)
         log.info("Z-Image: merged %d LoRA(s) into %s", len(loras), self.name)
 
-    def _patch_generic(self, lora_mod, pairs) -> None:
-        """For an engine whose ``apply_loras`` returns nothing to undo with: every parameter is copied to the
-        offload device first (weights may be edited through ``.data``, which leaves no trace to detect); copies
-        of the ones the merge left equal are dropped right after, so only changed weights stay backed up."""
-        dit = self.dit
-        params = dict(dit.named_parameters())
-        modules = dict(dit.named_modules())
-        hooks = {n: (set(m._forward_hooks), set(m._forward_pre_hooks)) for n, m in modules.items()}
-        backup = {n: p.detach().to(self.offload_device, copy=True) for n, p in params.items()}
-        self._restore = [lambda: _restore(dit, params, modules, hooks, backup)]
-        try:
-            with torch.no_grad():
-                lora_mod.apply_loras(dit, pairs, mode="merge")
-        except BaseException:
-            self.unpatch()
-            raise
-        now = dict(dit.named_parameters())
-        for n in list(backup):
-            cur = now.get(n)
-            if cur is params[n] and torch.equal(cur.detach().to(backup[n].device), backup[n]):
-                del backup[n]
 
-
-def _set(root: torch.nn.Module, name: str, value) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, value)
-
-
-def _restore(dit, params: dict, modules: dict, hooks: dict, backup: dict) -> None:
-    """Undo whatever ``apply_loras`` did: swapped modules, swapped parameters, in-place edits, hooks."""
-    now_modules = dict(dit.named_modules())
-    for name, mod in modules.items():
-        cur = now_modules.get(name)
-        if name and cur is not None and cur is not mod:
-            dev = next(cur.parameters(), torch.empty(0)).device
-            _set(dit, name, mod.to(dev))
-    now = dict(dit.named_parameters())
-    with torch.no_grad():
-        for name, p in params.items():
-            cur = now.get(name)
-            if cur is None:
-                continue
-            if cur is not p:
-                if p.device != cur.device:
-                    p.data = p.data.to(cur.device)
-                _set(dit, name, p)
-            if name in backup:
-                p.data.copy_(backup[name].to(p.device))
-    for name, mod in dit.named_modules():
-        fwd, pre = hooks.get(name, (set(), set()))
-        for k in [k for k in mod._forward_hooks if k not in fwd]:
-            del mod._forward_hooks[k]
-        for k in [k for k in mod._forward_pre_hooks if k not in pre]:
-            del mod._forward_pre_hooks[k]
-
-
-def require_lora_module():
-    try:
-        return core("lora")
-    except ModuleNotFoundError as e:
-        raise ZImageError(
-            "LoRA support needs the engine module zimage_core.lora, which this installation lacks "
-            f"({e}). Update the Z-Image node pack."
-        ) from None
-
-
-def load_lora_for(config, dtype: torch.dtype, path: Path, strength: float):
+def load_lora_for(config, path: Path):
     """Read a LoRA file and check it against a DiT of ``config`` before anything is merged, so an unmatched key
     or a wrong shape is reported at the LoRA loader (the engine's message lists the keys), not at sampling."""
-    lora_mod = require_lora_module()
-    params = inspect.signature(lora_mod.load_lora).parameters
-    lora = lora_mod.load_lora(path, config) if len(params) > 1 else lora_mod.load_lora(path)
-    if hasattr(lora_mod, "check_lora") and hasattr(lora_mod, "target_table"):
-        lora_mod.check_lora(lora, lora_mod.target_table(config))
-        return lora
-    dit_mod = core("dit")  # an engine without a checker: merge into a weightless (meta-device) model
-    with torch.device("meta"):
-        meta = dit_mod.ZImageDiT(config).to(dtype)
-    try:
-        with torch.no_grad():
-            lora_mod.apply_loras(meta, [(lora, strength)], mode="merge")
-    except ZImageError:
-        raise
-    except Exception as e:  # noqa: BLE001 - e.g. an op with no meta kernel: the real merge will tell
-        log.debug("Z-Image: LoRA dry run inconclusive (%s: %s)", type(e).__name__, e)
+    lora = load_lora(path, config)
+    check_lora(lora, target_table(config))
     return lora
 
 
@@ -217,7 +125,7 @@ class ZImageModel:
     slot: DiTSlot
     dtype: torch.dtype
     attention: str = "sdpa"
-    memory_mode: str = "full"
+    memory_mode: MemoryMode = MemoryMode("full")
     loras: tuple[LoraSpec, ...] = field(default_factory=tuple)
 
     @property
@@ -272,8 +180,7 @@ class ZImageTextEncoderHandle(EncoderHandle):
         """``EncodeResult`` for ``texts`` (engine semantics: chat template, hidden_states[-2]).
 
         Prompts encoded before come from the encoder's cache without loading it onto the GPU."""
-        cached = getattr(self.encoder, "cached", None)
-        if callable(cached) and cached(texts, max_length):
+        if self.encoder.cached(texts, max_length):
             return self.encoder.encode_detailed(texts, max_length=max_length)
         return self.ready().encode_detailed(texts, max_length=max_length)
 

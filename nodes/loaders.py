@@ -7,8 +7,14 @@ import math
 
 import torch
 
+from ..zimage_core.attention import set_attention
+from ..zimage_core.checkpoints import load_dit, probe_dit
+from ..zimage_core.compile import compile_blocks
+from ..zimage_core.dtypes import DTYPES
+from ..zimage_core.errors import ZImageError
+from ..zimage_core.memory import MemoryMode, Residency, Workload, dit_stage_size
+from ..zimage_core.text_encoder import TextEncoder
 from . import host, paths
-from ._engine import ZImageError, core
 from .handles import DiTSlot, LoraSpec, ZImageModel, ZImageTextEncoderHandle, load_lora_for
 
 log = logging.getLogger(__name__)
@@ -23,39 +29,33 @@ DEFAULT_SWAP_BLOCKS = 16
 # Native ComfyUI's fp16 test for Z-Image checkpoints: fp16 is safe only when this norm's spread is small.
 FP16_STD_LIMIT = 0.42
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 
 def _choices(kind: str) -> list[str]:
     return paths.list_models(kind)
 
 
-def _quant_kwargs(fn, quant: str, what: str) -> dict:
+def _check_quant(quant: str) -> str:
     if quant not in QUANT_MODES:
         raise ZImageError(f"quant '{quant}' is not one of {', '.join(QUANT_MODES)}.")
-    return core("memory").check_quant(fn, quant, what)
+    return quant
 
 
-def plan_swap(memory_mode: str, swap_blocks: int, ckpt, dtype: torch.dtype, quant: str, device: torch.device):
-    """``(blocks to stream, activation bytes)`` for a DiT loaded with this memory mode.
+def plan_residency(mode: MemoryMode, probe, dtype: torch.dtype, quant: str, device: torch.device):
+    """``(Residency, activation bytes)`` for a DiT loaded under ``mode``: how many of its blocks stream.
 
     ``auto`` is planned once, here, for a 1024x1024 image (the loader does not know the size yet) against the
     whole card less ComfyUI's reserve (ComfyUI evicts other models to make room); the text encoder and VAE are
     ComfyUI's to place. ``text-encoder-offload`` keeps the DiT whole: ComfyUI already moves the text encoder
-    out when the DiT needs the room.
+    out when the DiT needs the room. Streamed blocks live in (pinned) host memory whatever ComfyUI's offload
+    device is.
     """
-    mem = core("memory")
-    mode = f"block-swap:{int(swap_blocks)}" if memory_mode == "block-swap" else memory_mode
-    size, cfg = mem.probe_dit(ckpt.path, dtype, quant)
-    work = mem.Workload()
-    elt = torch.empty((), dtype=dtype).element_size()
-    size = mem.ComponentSize(size.total, size.blocks, mem.planner.dit_activation(cfg, work, elt))
-    budget = host.vram_budget(device) if memory_mode == "auto" else None
-    plan = mem.plan_memory(mode, budget, size, work=work)
-    if memory_mode == "auto":
+    work = Workload()
+    size = dit_stage_size(probe, dtype, quant, work)
+    residency = Residency(mode, device, "cpu")
+    plan = residency.make_plan(size, work=work, free=host.vram_budget(device) if mode.kind == "auto" else None)
+    if mode.kind == "auto":
         log.info("Z-Image memory auto: %s", plan.describe())
-    swap = plan.dit_swap if plan.mode in ("block-swap", "sequential") else 0
-    return swap, size.activation
+    return residency, size.activation
 
 
 def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
@@ -66,32 +66,26 @@ def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
         if device.type == "cpu":
             return torch.float32
         return torch.bfloat16 if host.bf16_supported(device) else torch.float32
-    return _DTYPES[choice]
+    return DTYPES[choice]
 
 
-class _GGUFHeader:
-    """What the loader reads of a GGUF DiT before loading it: the path, the config and tensor getters."""
-
-    def __init__(self, path):
-        self.path = path
-        self.config, self.getters = core("quant.load").gguf_dit_header(path)
-
-
-def dit_header(path):
-    """The DiT file's header (``DiTCheckpoint``, or its GGUF counterpart): a wrong file fails here, before loading."""
-    if core("memory.components")._is_gguf(path):
-        return _GGUFHeader(path)
-    return core("checkpoints").DiTCheckpoint(path)
+def memory_mode_of(memory_mode: str, swap_blocks: int) -> MemoryMode:
+    """The loader's two widgets as the engine's typed memory mode (``swap_blocks`` counts for block-swap only)."""
+    if memory_mode not in MEMORY_MODES:
+        raise ZImageError(f"memory_mode '{memory_mode}' is not available; choose one of {', '.join(MEMORY_MODES)}.")
+    if isinstance(swap_blocks, bool) or not isinstance(swap_blocks, int) or swap_blocks < 1:
+        raise ZImageError(f"swap_blocks must be a positive number of blocks, got {swap_blocks!r}.")
+    return MemoryMode.of(memory_mode, swap_blocks if memory_mode == "block-swap" else None)
 
 
-def check_fp16(ckpt, name: str) -> None:
+def check_fp16(probe, name: str) -> None:
     """Refuse fp16 for checkpoints that overflow in it (native ComfyUI's heuristic: the std of a late
     ``ffn_norm1`` weight). The sampler also checks its result for NaN/Inf."""
-    n = ckpt.config.n_layers
+    n = probe.config.n_layers
     key = f"layers.{max(n - 2, 0)}.ffn_norm1.weight"
-    if key not in ckpt.getters:
+    if key not in probe.getters:
         raise ZImageError(f"fp16 was asked for '{name}', but it lacks '{key}' to check fp16 safety; use bf16 or fp32.")
-    std = float(torch.std(ckpt.getters[key]().float(), unbiased=False))
+    std = float(torch.std(probe.getters[key]().float(), unbiased=False))
     if not math.isfinite(std) or std >= FP16_STD_LIMIT:
         raise ZImageError(
             f"weight_dtype fp16 is refused for '{name}': this checkpoint overflows in float16 (black or noisy "
@@ -194,30 +188,27 @@ class ZImageModelLoader:
             raise ZImageError(
                 f"attention '{attention}' is not available; choose one of {', '.join(ATTENTION_BACKENDS)}."
             )
-        if memory_mode not in MEMORY_MODES:
-            raise ZImageError(f"memory_mode '{memory_mode}' is not available; choose one of {', '.join(MEMORY_MODES)}.")
-        if not isinstance(swap_blocks, int) or swap_blocks < 1:
-            raise ZImageError(f"swap_blocks must be a positive number of blocks, got {swap_blocks!r}.")
+        mode = memory_mode_of(memory_mode, swap_blocks)
         path = paths.resolve("diffusion_models", model_name)
-        checkpoints = core("checkpoints")
         load_device, offload_device = host.dit_devices()
         dtype = pick_dtype(weight_dtype, load_device)
-        quant_kw = _quant_kwargs(checkpoints.load_dit, quant, "diffusion model")
-        ckpt = dit_header(path)
+        _check_quant(quant)
+        probe = probe_dit(path)  # a wrong file fails here, before loading
         if dtype == torch.float16:
-            check_fp16(ckpt, model_name)
-        swap, activation = plan_swap(memory_mode, swap_blocks, ckpt, dtype, quant, load_device)
+            check_fp16(probe, model_name)
+        residency, activation = plan_residency(mode, probe, dtype, quant, load_device)
+        swap = residency.streamed_blocks("dit")
         if host.comfy_module("comfy.model_patcher") is not None or swap:
             # Inside ComfyUI: load where ComfyUI keeps idle models; it moves the model to the GPU when sampling.
             # Streaming: the streamed blocks stay in host memory, the rest goes to the GPU when sampling.
-            dit = checkpoints.load_dit(path, dtype=dtype, device=offload_device if not swap else "cpu", **quant_kw)
+            dit = load_dit(path, dtype=dtype, device=offload_device if not swap else "cpu", quant=quant)
         else:
-            dit = checkpoints.load_dit(path, dtype=dtype, device=load_device, **quant_kw)
-        chosen = core("attention").set_attention(dit, attention, device=load_device)
+            dit = load_dit(path, dtype=dtype, device=load_device, quant=quant)
+        chosen = set_attention(dit, attention, device=load_device)
         if compile:
-            core("compile").compile_blocks(dit)
-        slot = DiTSlot(dit, model_name, load_device, offload_device, swap=swap, activation=activation)
-        return (ZImageModel(slot=slot, dtype=dtype, attention=chosen, memory_mode=memory_mode),)
+            compile_blocks(dit)
+        slot = DiTSlot(dit, model_name, load_device, offload_device, residency, activation=activation)
+        return (ZImageModel(slot=slot, dtype=dtype, attention=chosen, memory_mode=mode),)
 
 
 class ZImageTextEncoderLoader:
@@ -267,13 +258,12 @@ class ZImageTextEncoderLoader:
         path = paths.resolve("text_encoders", text_encoder_name)
         load_device, offload_device = host.text_encoder_devices()
         dtype = pick_dtype(weight_dtype, load_device)
-        te_mod = core("text_encoder")
-        encoder = te_mod.TextEncoder.load(
+        encoder = TextEncoder.load(
             path,
             dtype=dtype,
             device=offload_device,
             comfy_tokenizer_dir=host.comfy_tokenizer_dir(),
-            **_quant_kwargs(te_mod.TextEncoder.load, quant, "text encoder"),
+            quant=_check_quant(quant),
         )
         return (ZImageTextEncoderHandle(encoder, text_encoder_name, load_device, offload_device),)
 
@@ -330,5 +320,5 @@ class ZImageLoraLoader:
         path = paths.resolve("loras", lora_name)
         if strength == 0:
             return (model,)
-        lora = load_lora_for(model.config, model.dtype, path, float(strength))
+        lora = load_lora_for(model.config, path)
         return (model.with_lora(LoraSpec(name=lora_name, path=path, strength=float(strength), lora=lora)),)

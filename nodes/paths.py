@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..zimage_core.errors import ZImageError
 from . import host
-from ._engine import ZImageError
 
 WEIGHT_EXTENSIONS = (".safetensors", ".sft")
 # GGUF files (city96-style quantized DiTs) are ours to list: ComfyUI's own list filters them out.

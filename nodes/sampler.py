@@ -4,7 +4,7 @@ Latents cross the node boundary in raw Flux-VAE space (what core ``VAEEncode``/`
 ``EmptySD3LatentImage`` use); inside they are in the DiT's space ``(raw - 0.1159) * 0.3611`` (ComfyUI's Flux
 latent format ``process_in``). The noise is native ComfyUI's: ``torch.randn(latent.size())`` from a CPU
 generator seeded with ``seed`` (``batch_index`` honoured), so a seed gives the same image here, in native
-ComfyUI's noise and in ``zimage generate``. Sampling is :meth:`ZImagePipeline.sample`, the CLI's own code.
+ComfyUI's noise and in ``zimage generate``. Sampling is :func:`zimage_core.pipeline.denoise_latents`, the CLI's own path.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ import logging
 
 import torch
 
+from ..zimage_core import sampling
+from ..zimage_core.errors import ZImageError
+from ..zimage_core.pipeline import GenerateOptions, denoise_latents
+from ..zimage_core.vae import to_model_space, to_raw_space
 from . import host
-from ._engine import ZImageError, core
 from .conditioning import caption_features, host_intermediate_device
 from .edit import edit_conditions, has_references
 from .handles import ZImageModel
@@ -26,23 +29,13 @@ MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
 def sampler_names() -> list[str]:
-    return list(core("sampling").SAMPLERS)
+    return list(sampling.SAMPLERS)
 
 
 def prepare_noise(samples: torch.Tensor, seed: int, batch_index=None) -> torch.Tensor:
-    """Native ComfyUI's noise: one CPU generator seeded with ``seed``; with ``batch_index`` (from Latent From
-    Batch) the noise of batch item ``i`` is the ``i``-th ``[1, C, h, w]`` draw, so a sub-batch matches the full one."""
-    gen = torch.Generator("cpu").manual_seed(int(seed))
-    shape = tuple(samples.shape)
-    if batch_index is None:
-        return torch.randn(shape, generator=gen, dtype=samples.dtype, device="cpu")
-    inds = [int(i) for i in batch_index]
-    if len(inds) != shape[0] or min(inds) < 0:
-        raise ZImageError(f"the latent's batch_index {inds} does not fit its batch of {shape[0]}.")
-    draws = [
-        torch.randn((1, *shape[1:]), generator=gen, dtype=samples.dtype, device="cpu") for _ in range(max(inds) + 1)
-    ]
-    return torch.cat([draws[i] for i in inds], dim=0)
+    """Native ComfyUI's noise for a LATENT: :func:`zimage_core.sampling.initial_noise` of its shape and dtype
+    (``batch_index`` from Latent From Batch honoured, so a sub-batch matches the full one)."""
+    return sampling.initial_noise(samples.shape, seed, batch_index, dtype=samples.dtype)
 
 
 def _check_latent(latent_image, channels: int) -> torch.Tensor:
@@ -205,9 +198,8 @@ class ZImageTurboSampler:
                 f"cfg is {cfg} (guidance on) but nothing is connected to negative. Connect a Z-Image "
                 "Text Encode (an empty or 'blurry, low quality' prompt), or set cfg to 1 for Turbo."
             )
-        pipeline, sampling, vae = core("pipeline"), core("sampling"), core("vae")
         b, _, h, w = samples.shape
-        opts = pipeline.GenerateOptions(
+        opts = GenerateOptions(
             prompt="",
             width=w * 8,
             height=h * 8,
@@ -234,7 +226,7 @@ class ZImageTurboSampler:
         mask = latent_image.get("noise_mask")
         init = None
         if mask is not None or denoise < 1.0:
-            init = vae.to_model_space(samples.float())
+            init = to_model_space(samples.float())
             if mask is not None:
                 mask = sampling.prepare_mask(mask, h, w, batch_size=b)
         else:
@@ -242,24 +234,8 @@ class ZImageTurboSampler:
 
         host.throw_if_interrupted()
         dit = model.prepare()
-        pipe = pipeline.ZImagePipeline(dit, None, None, device=dit.device)
         callback = host.step_callback(int(steps), dit.device)
-        if omni:
-            x = core("edit").sample_omni(
-                dit,
-                cond,
-                uncond,
-                noise,
-                opts,
-                init_latents=init,
-                mask=mask,
-                callback=callback,
-                cancel=host.cancel_check,
-            )
-        else:
-            x = pipe.sample(
-                cond, uncond, noise, opts, init_latents=init, mask=mask, callback=callback, cancel=host.cancel_check
-            )
+        x = denoise_latents(dit, cond, uncond, noise, opts, init, mask, callback, host.cancel_check)
         if not bool(torch.isfinite(x).all()):
             hint = (
                 " The model runs in fp16, which overflows for this checkpoint: choose bf16 or fp32 in Z-Image "
@@ -269,5 +245,5 @@ class ZImageTurboSampler:
             )
             raise ZImageError(f"sampling produced NaN/Inf values (a black image would follow).{hint}")
         out = dict(latent_image)
-        out["samples"] = vae.to_raw_space(x).to(host_intermediate_device(), torch.float32)
+        out["samples"] = to_raw_space(x).to(host_intermediate_device(), torch.float32)
         return (out,)

@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.factories.dit import diffusers_to_native_state, make_diffusers_dit, save_comfy_dit, save_diffusers_dit
-from zimage_core.checkpoints import DiTCheckpoint, convert_dit, load_dit
+from zimage_core.checkpoints import convert_dit, load_dit
 from zimage_core.config import DiTConfig
+from zimage_core.dit_layout import DiTCheckpoint
 from zimage_core.errors import CheckpointError
 
 CFG = DiTConfig.tiny(t_mid_dim=1024, n_layers=3)

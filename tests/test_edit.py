@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from zimage_pack.nodes import edit as E
+from zimage_pack.nodes import loaders, sampler
+from zimage_pack.zimage_core.errors import ZImageError as NodeError  # raised inside the pack
 
-from nodes import edit as E
-from nodes import loaders, sampler
 from tests.factories import comfy as C
 from tests.factories.dit import diffusers_to_native_state, make_diffusers_dit, save_comfy_dit
 from tests.factories.pipeline import FIXTURE_TOKENIZER, load_tokenizer
@@ -183,7 +184,7 @@ def test_vision_loader_lists_folders_and_explains_missing(omni, monkeypatch):
     monkeypatch.setenv("ZIMAGE_MODELS_DIR", str(omni.models))
     assert E.vision_choices() == [C.VISION_NAME]
     assert E.ZImageVisionLoader.INPUT_TYPES()["required"]["vision_name"][0] == [C.VISION_NAME]
-    with pytest.raises(ZImageError, match="models/clip_vision"):
+    with pytest.raises(NodeError, match="models/clip_vision"):
         E.ZImageVisionLoader().load("siglip-missing")
 
 
@@ -345,16 +346,16 @@ def test_bad_edit_inputs_are_explained(omni):
     pos, _, latent = conditioning(omni)
     main, opts = pos[0]
     broken = [[main, dict(opts, reference_latents_text_embeds=opts["reference_latents_text_embeds"][:1])]]
-    with pytest.raises(ZImageError, match="reference text segments"):
+    with pytest.raises(NodeError, match="reference text segments"):
         sample(omni.model, broken, latent)
     node = E.ZImageEditConditioning()
-    with pytest.raises(ZImageError, match="too small"):
+    with pytest.raises(NodeError, match="too small"):
         node.encode(omni.text_encoder, omni.core_vae, torch.rand(1, 10, 10, 3), "x")
-    with pytest.raises(ZImageError, match="image1"):
+    with pytest.raises(NodeError, match="image1"):
         node.encode(omni.text_encoder, omni.core_vae, torch.rand(10, 10, 3), "x")
-    with pytest.raises(ZImageError, match="Vision Loader"):
+    with pytest.raises(NodeError, match="Vision Loader"):
         node.encode(omni.text_encoder, omni.core_vae, as_image(omni.arrays[0]), "x", vision="siglip")
-    with pytest.raises(ZImageError, match="Text Encoder Loader"):
+    with pytest.raises(NodeError, match="Text Encoder Loader"):
         node.encode(None, omni.core_vae, as_image(omni.arrays[0]), "x")
 
 

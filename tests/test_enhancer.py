@@ -7,9 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from zimage_pack.nodes import enhancer as N
+from zimage_pack.nodes import loaders
+from zimage_pack.zimage_core.errors import ZImageError as NodeError  # raised inside the pack
 
-from nodes import enhancer as N
-from nodes import loaders
 from tests.factories.pipeline import FIXTURE_TOKENIZER
 from tests.factories.text_encoder import hf_config, make_qwen3, save_comfy_text_encoder, save_tokenizer
 from zimage_core.config import TextEncoderConfig
@@ -202,9 +203,9 @@ def test_node_separate_llm_and_errors(node_env, tmp_path):
     node = N.ZImagePromptEnhancer()
     out = node.enhance(IDEA, seed=1, max_new_tokens=6, temperature=0.0, top_p=1.0, llm="Qwen3-tiny")
     assert isinstance(out["result"][0], str) and out["result"][0]
-    with pytest.raises(ZImageError, match="text_encoder"):
+    with pytest.raises(NodeError, match="text_encoder"):
         node.enhance(IDEA, seed=1, max_new_tokens=4, temperature=0.0, top_p=1.0)
-    with pytest.raises(ZImageError, match="empty"):
+    with pytest.raises(NodeError, match="empty"):
         node.enhance("  ", seed=1, max_new_tokens=4, temperature=0.0, top_p=1.0, llm="Qwen3-tiny")
-    with pytest.raises(ZImageError, match="models/LLM"):
+    with pytest.raises(NodeError, match="models/LLM"):
         node.enhance(IDEA, seed=1, max_new_tokens=4, temperature=0.0, top_p=1.0, llm="missing-llm")

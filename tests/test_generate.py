@@ -11,7 +11,8 @@ from PIL import Image
 
 from tests.factories.pipeline import FIXTURE_TOKENIZER, build_tiny_model, reference_pipeline
 from zimage_core.cli import main
-from zimage_core.pipeline import GenerateOptions, ZImagePipeline, initial_noise
+from zimage_core.pipeline import GenerateOptions, ZImagePipeline
+from zimage_core.sampling import initial_noise, latent_shape
 
 pytestmark = pytest.mark.skipif(not FIXTURE_TOKENIZER.exists(), reason="../shared/fixtures/qwen25_tokenizer is absent")
 
@@ -159,11 +160,14 @@ def test_cfg_with_negative_prompt_latents(pipe, ref):
     )
     cond = pipe.encode_prompts(opts.prompts())
     uncond = pipe.encode_prompts(opts.negatives())
-    got = pipe.sample(cond, uncond, initial_noise(1, 48, 64, 5), opts)
+    got = pipe.sample(cond, uncond, initial_noise(latent_shape(1, 48, 64), 5), opts)
     want = ref_images(ref, "a bowl of fruit", 5, steps=6, cfg=4.0, negative="blurry, low quality", output_type="latent")
     assert rel_err(got, want) <= 1e-5
     plain = pipe.sample(
-        cond, None, initial_noise(1, 48, 64, 5), GenerateOptions(prompt="x", width=64, height=48, steps=6, seed=5)
+        cond,
+        None,
+        initial_noise(latent_shape(1, 48, 64), 5),
+        GenerateOptions(prompt="x", width=64, height=48, steps=6, seed=5),
     )
     assert rel_err(got, plain) > 1e-3  # guidance really changed the result
 
@@ -174,7 +178,7 @@ def test_long_prompt_truncated_like_reference(pipe, ref, caplog):
     with caplog.at_level("WARNING"):
         cond = pipe.encode_prompts(opts.prompts())
     assert any("cut" in r.getMessage() or "truncat" in r.getMessage() for r in caplog.records)
-    got = pipe.sample(cond, None, initial_noise(1, 32, 32, 1), opts)
+    got = pipe.sample(cond, None, initial_noise(latent_shape(1, 32, 32), 1), opts)
     want = ref_images(ref, prompt, 1, steps=2, width=32, height=32, output_type="latent")
     assert rel_err(got, want) <= 1e-5
 

@@ -15,6 +15,7 @@ from tests.factories.pipeline import FIXTURE_TOKENIZER, build_tiny_model
 from zimage_core.checkpoints import load_dit
 from zimage_core.cli import main
 from zimage_core.config import VAEConfig
+from zimage_core.denoiser import SigmaLookup
 from zimage_core.errors import ZImageError
 from zimage_core.memory import (
     ComponentSize,
@@ -27,10 +28,10 @@ from zimage_core.memory import (
     resident_parts,
     stream_dit,
 )
-from zimage_core.memory.components import Residency, check_quant
+from zimage_core.memory.components import Residency
 from zimage_core.memory.streaming import BlockStreamer, flush_streamers, streamers_of
-from zimage_core.pipeline import GenerateOptions, SigmaLookup, ZImagePipeline, initial_noise
-from zimage_core.sampling import SAMPLERS, get_sampler
+from zimage_core.pipeline import GenerateOptions, ZImagePipeline
+from zimage_core.sampling import SAMPLERS, get_sampler, initial_noise, latent_shape
 from zimage_core.schedules import flow_sigmas
 
 pytestmark = pytest.mark.skipif(not FIXTURE_TOKENIZER.exists(), reason="../shared/fixtures/qwen25_tokenizer is absent")
@@ -279,15 +280,15 @@ def test_every_mode_equals_full_bit_for_bit(model, reference, mode):
     if mode.startswith("block-swap") or mode == "sequential":
         streamer = streamers_of(pipe.dit)[0] if streamers_of(pipe.dit) else None
         if mode == "sequential":  # the DiT left the device before decoding: its streamer is gone, blocks at home
-            assert streamer is None and pipe.residency.dit_streamer is None
-            pipe.residency.place_dit(pipe.dit)
-            streamer = pipe.residency.dit_streamer
+            assert streamer is None and "dit" not in pipe.residency.streamers
+            pipe.residency.place("dit", pipe.dit)
+            streamer = pipe.residency.streamers["dit"]
         assert streamer is not None and len(streamer.blocks) == {"block-swap:1": 1, "block-swap:3": 3}.get(mode, 4)
         assert streamer.staged_count == 0 and streamer.at_home()  # nothing staged outlives the generation
         if mode != "sequential":
             assert streamer.stats.hits > 0  # prefetched copies were used
     else:
-        assert pipe.residency.dit_streamer is None
+        assert "dit" not in pipe.residency.streamers
 
 
 def test_quantized_and_gguf_dits_stream_like_any_other(model, tmp_path):
@@ -326,8 +327,12 @@ def test_unchanged_prompts_reuse_embeddings_without_moving_the_text_encoder(mode
     runs, placed = [], []
     real_run = pipe.text_encoder._run
     monkeypatch.setattr(pipe.text_encoder, "_run", lambda batch: runs.append(len(batch)) or real_run(batch))
-    real_place = Residency.place_text_encoder
-    monkeypatch.setattr(Residency, "place_text_encoder", lambda self, te: placed.append(1) or real_place(self, te))
+    real_place = Residency.place
+    monkeypatch.setattr(
+        Residency,
+        "place",
+        lambda self, name, c: (name == "text_encoder" and placed.append(1)) or real_place(self, name, c),
+    )
     opts = GenerateOptions(prompt="a cat", width=32, height=32, steps=1)
     a = np.asarray(pipe.generate(opts, progress=False)[0])
     b = np.asarray(pipe.generate(opts, progress=False)[0])
@@ -353,7 +358,7 @@ def test_sampler_sigmas_are_read_on_the_host():
 
 
 def test_cfg_truncation_uses_host_sigmas(model, monkeypatch):
-    import zimage_core.pipeline as pipeline_mod
+    import zimage_core.denoiser as denoiser_mod
 
     made = []
 
@@ -362,7 +367,7 @@ def test_cfg_truncation_uses_host_sigmas(model, monkeypatch):
             super().__init__(sigmas)
             made.append(self)
 
-    monkeypatch.setattr(pipeline_mod, "SigmaLookup", Spy)
+    monkeypatch.setattr(denoiser_mod, "SigmaLookup", Spy)
     pipe = ZImagePipeline.load(model.root, device="cpu", memory="full")
     opts = GenerateOptions(
         prompt="a fox",
@@ -376,21 +381,11 @@ def test_cfg_truncation_uses_host_sigmas(model, monkeypatch):
         sampler="heun",
     )
     cond, uncond = pipe.encode_prompts(["a fox"]), pipe.encode_prompts(["blurry"])
-    trunc = pipe.sample(cond, uncond, initial_noise(1, 32, 32, 2), opts)
+    trunc = pipe.sample(cond, uncond, initial_noise(latent_shape(1, 32, 32), 2), opts)
     assert made and made[0].misses == 0  # every sigma was read from the host copy of the schedule
     opts.cfg_truncation = 1.0
-    full = pipe.sample(cond, uncond, initial_noise(1, 32, 32, 2), opts)
+    full = pipe.sample(cond, uncond, initial_noise(latent_shape(1, 32, 32), 2), opts)
     assert not torch.equal(trunc, full)  # guidance really switched off for the late steps
-
-
-def test_quant_needs_the_quant_module():
-    def old_loader(path, dtype="auto", device="cpu"):
-        return None
-
-    assert check_quant(old_loader, "none", "DiT") == {}
-    with pytest.raises(ZImageError, match="zimage_core.quant"):
-        check_quant(old_loader, "nf4", "DiT")
-    assert check_quant(lambda path, quant="none": None, "nf4", "DiT") == {"quant": "nf4"}
 
 
 # ---------------------------------------------------------------------------------------------- compile

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from zimage_pack import nodes
+from zimage_pack.nodes import conditioning, handles, host, loaders, paths, sampler
+from zimage_pack.zimage_core.errors import ZImageError
 
-import nodes
-from nodes import conditioning, handles, host, loaders, paths, sampler
 from tests.factories import comfy as C
 from tests.factories.pipeline import FIXTURE_TOKENIZER, build_tiny_model
-from zimage_core.errors import ZImageError
-from zimage_core.pipeline import GenerateOptions, ZImagePipeline, initial_noise
+from zimage_core.pipeline import GenerateOptions, ZImagePipeline
+from zimage_core.sampling import initial_noise, latent_shape
 from zimage_core.vae import to_raw_space
 
 pytestmark = pytest.mark.skipif(not FIXTURE_TOKENIZER.exists(), reason="../shared/fixtures/qwen25_tokenizer is absent")
@@ -267,7 +268,7 @@ def test_text_encode_reports_truncation(loaded, caplog, monkeypatch):
 def test_noise_is_native_comfyui_noise():
     lat = torch.zeros(2, 16, 6, 8)
     assert torch.equal(sampler.prepare_noise(lat, 123), torch.randn(lat.size(), generator=torch.manual_seed(123)))
-    assert torch.equal(sampler.prepare_noise(lat, 5), initial_noise(2, 48, 64, 5))
+    assert torch.equal(sampler.prepare_noise(lat, 5), initial_noise(latent_shape(2, 48, 64), 5))
     full = sampler.prepare_noise(torch.zeros(4, 16, 6, 8), 9)
     assert torch.equal(sampler.prepare_noise(lat, 9, batch_index=[3, 1]), full[[3, 1]])
 
@@ -279,7 +280,7 @@ def test_sampler_matches_engine_pipeline(loaded):
     assert set(out) == {"samples"} and out["samples"].shape == (1, 16, 6, 8) and out["samples"].dtype == torch.float32
     pipe = ZImagePipeline(model.slot.dit, te.encoder, None, "cpu")
     opts = GenerateOptions(prompt="a lighthouse", width=64, height=48, steps=4, seed=11)
-    ref = pipe.sample(pipe.encode_prompts(["a lighthouse"]), None, initial_noise(1, 48, 64, 11), opts)
+    ref = pipe.sample(pipe.encode_prompts(["a lighthouse"]), None, initial_noise(latent_shape(1, 48, 64), 11), opts)
     assert torch.equal(out["samples"], to_raw_space(ref))  # raw Flux-VAE space out
     assert torch.equal(run(model, cond, seed=11, steps=4)["samples"], out["samples"])
     assert not torch.equal(run(model, cond, seed=12, steps=4)["samples"], out["samples"])
@@ -464,48 +465,25 @@ def test_models_register_with_comfyui_memory_management(env, fake_comfy):
 
 
 # ---------------------------------------------------------------------------------------------- LoRA
-class FakeLora:
-    """A stand-in for zimage_core.lora (merge mode: W += strength * up @ down, in place)."""
+def write_diff_lora(path: Path, deltas: dict[str, torch.Tensor]) -> None:
+    """A ComfyUI weight-diff LoRA: ``W += strength * diff`` for each parameter name in ``deltas``."""
+    from zimage_core.weights import save_safetensors
 
-    def __init__(self, deltas):
-        self.deltas = deltas
-
-
-def fake_lora_module(files):
-    mod = types.ModuleType("zimage_core.lora")
-    mod.load_lora = lambda path: files[Path(path).name]
-
-    def apply_loras(model, pairs, mode="merge"):
-        params = dict(model.named_parameters())
-        for lora, strength in pairs:
-            missing = [k for k in lora.deltas if k not in params]
-            if missing:
-                raise ZImageError(f"LoRA keys match nothing in the model: {missing}")
-            for k, d in lora.deltas.items():
-                params[k].data.add_(strength * d.to(params[k].device, params[k].dtype))
-
-    mod.apply_loras = apply_loras
-    return mod
+    save_safetensors({"diffusion_model." + k.removesuffix(".weight") + ".diff": v for k, v in deltas.items()}, path)
 
 
-def test_lora_stack_shares_and_restores_weights(loaded, env, monkeypatch):
+def test_lora_stack_shares_and_restores_weights(loaded, env):
     model, te = loaded
     key = "layers.0.attention.qkv.weight"
     shape = model.slot.dit.get_parameter(key).shape
+    w1 = "layers.1.feed_forward.w1.weight"
     files = {
-        "a.safetensors": FakeLora({key: torch.full(shape, 0.01)}),
-        "b.safetensors": FakeLora(
-            {
-                "layers.1.feed_forward.w1.weight": torch.full(
-                    model.slot.dit.get_parameter("layers.1.feed_forward.w1.weight").shape, 0.02
-                )
-            }
-        ),
-        "bad.safetensors": FakeLora({"not.a.key": torch.zeros(1)}),
+        "a.safetensors": {key: torch.full(shape, 0.01)},
+        "b.safetensors": {w1: torch.full(model.slot.dit.get_parameter(w1).shape, 0.02)},
+        "bad.safetensors": {"not.a.key.weight": torch.zeros(1)},
     }
-    for name in files:
-        (env.models / "loras" / name).write_bytes(b"")
-    monkeypatch.setitem(sys.modules, "zimage_core.lora", fake_lora_module(files))
+    for name, deltas in files.items():
+        write_diff_lora(env.models / "loras" / name, deltas)
     base_w = model.slot.dit.get_parameter(key).detach().clone()
     cond = encode(te, "x")
     base = run(model, cond)["samples"]
@@ -525,12 +503,6 @@ def test_lora_stack_shares_and_restores_weights(loaded, env, monkeypatch):
 
 
 def test_real_lora_files(loaded, env):
-    try:
-        importlib.import_module("zimage_core.lora")
-    except ModuleNotFoundError:
-        pytest.skip(
-            "zimage_core.lora is not written yet (another issue); the LoRA node is tested with a stand-in above"
-        )
     from zimage_core.weights import save_safetensors
 
     model, te = loaded
@@ -550,14 +522,6 @@ def test_real_lora_files(loaded, env):
     assert torch.equal(run(model, cond)["samples"], base)
     with pytest.raises(ZImageError, match="nonexistent"):
         loaders.ZImageLoraLoader().load(model, "bad.safetensors", 1.0)
-
-
-def test_missing_lora_module_is_a_clear_error(loaded, env, monkeypatch):
-    model, _ = loaded
-    (env.models / "loras" / "a.safetensors").write_bytes(b"")
-    monkeypatch.setitem(sys.modules, "zimage_core.lora", None)
-    with pytest.raises(ZImageError, match="LoRA support needs"):
-        loaders.ZImageLoraLoader().load(model, "a.safetensors", 1.0)
 
 
 def test_handles_repr(loaded):
@@ -583,7 +547,7 @@ def test_loader_memory_modes_sample_the_same_latents(loaded, env, mode, kw, stre
     other = loaders.ZImageModelLoader().load(
         "z_image_turbo_bf16.safetensors", memory_mode=mode, attention="auto", **kw
     )[0]
-    assert other.memory_mode == mode and other.attention == "sdpa"  # auto on a CPU
+    assert other.memory_mode.kind == mode and other.attention == "sdpa"  # auto on a CPU
     streamer = other.slot.streamer
     assert (streamer is None) == (streamed == 0)
     assert torch.equal(run(other, cond, seed=3, steps=2)["samples"], want)
@@ -623,11 +587,6 @@ def test_loader_quant_and_swap_options_are_checked(env, monkeypatch):
         loaders.ZImageModelLoader().load("z_image_turbo_bf16.safetensors", quant="int4")
     with pytest.raises(ZImageError, match="swap_blocks"):
         loaders.ZImageModelLoader().load("z_image_turbo_bf16.safetensors", memory_mode="block-swap", swap_blocks=0)
-    checkpoints = importlib.import_module("zimage_core.checkpoints")
-    real = checkpoints.load_dit
-    monkeypatch.setattr(checkpoints, "load_dit", lambda path, dtype="auto", device="cpu": real(path, dtype, device))
-    with pytest.raises(ZImageError, match="zimage_core.quant"):  # an engine without quantization says so
-        loaders.ZImageModelLoader().load("z_image_turbo_bf16.safetensors", quant="nf4")
     got = loaders.ZImageModelLoader().load("z_image_turbo_bf16.safetensors", quant="none")[0]
     assert got.slot.dit.dtype == torch.float32
 
@@ -635,8 +594,9 @@ def test_loader_quant_and_swap_options_are_checked(env, monkeypatch):
 def test_gguf_models_are_listed_and_load_like_the_safetensors_file(loaded, env):
     """A city96-style GGUF DiT in models/diffusion_models shows in the drop-down and samples like its source."""
     pytest.importorskip("gguf")
+    from zimage_pack.zimage_core.quant import QuantLinear  # the class the nodes (the pack's engine) build
+
     from zimage_core.checkpoints import load_dit
-    from zimage_core.quant import QuantLinear
     from zimage_core.quant.gguf_write import save_gguf
 
     model, te = loaded

@@ -228,7 +228,7 @@ def test_unknown_mode_is_a_clear_error(dit_file):
 # ComfyUI's quantized files
 # ---------------------------------------------------------------------------------------------
 def _native_layer(layer: str) -> str:
-    from zimage_core.checkpoints import diffusers_to_native_key
+    from zimage_core.dit_layout import diffusers_to_native_key
 
     name = diffusers_to_native_key(layer.removeprefix("model.diffusion_model.") + ".weight")[: -len(".weight")]
     return name.replace(".to_q", ".qkv").replace(".to_k", ".qkv").replace(".to_v", ".qkv")
@@ -382,7 +382,7 @@ PROMPTS = ["a red fox sitting in fresh snow, golden hour", "a lighthouse at dusk
 @needs_tokenizer
 @pytest.mark.parametrize("mode,bound", [("int8", 0.99), ("nf4", 0.95), ("fp8", 0.99)])
 def test_text_encoder_quantized_embeddings(te_files, mode, bound):
-    from zimage_core.quant.load import TEXT_ENCODER_POLICY
+    from zimage_core.quant.modes import TEXT_ENCODER_POLICY
     from zimage_core.text_encoder import TextEncoder
 
     path, _, tok = te_files

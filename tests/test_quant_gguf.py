@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from tests.factories.dit import randomize_
-from zimage_core.checkpoints import load_dit, native_state_to_layout
+from zimage_core.checkpoints import load_dit, native_state_to_layout, probe_dit
 from zimage_core.config import DiTConfig
 from zimage_core.dit import ZImageDiT
 from zimage_core.errors import CheckpointError
+from zimage_core.memory import probe_size
 from zimage_core.quant import GGUFLinear, describe, storage_bytes
 from zimage_core.quant import gguf as qg
 from zimage_core.quant.gguf_write import quantize, save_gguf
-from zimage_core.quant.load import gguf_dit_sizes
 
 gguf = pytest.importorskip("gguf")
 
@@ -135,8 +135,8 @@ def test_city96_layout_loads_with_blocks_kept(tmp_path, state, qtype):
         got = model(*inputs())
         want = dequantized_reference(model)(*inputs())
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    cfg, sizes = gguf_dit_sizes(path, torch.float32)  # the planner's header-only estimate is exact
-    assert cfg == CFG and sum(sizes.values()) == sum(storage_bytes(model))
+    probe = probe_dit(path)  # the planner's header-only estimate is exact
+    assert probe.config == CFG and probe_size(probe, torch.float32).total == sum(storage_bytes(model))
 
 
 def test_diffusers_keys_with_prefix_fuse_qkv_blocks(tmp_path, state):

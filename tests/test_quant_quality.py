@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from tests.factories.dit import randomize_
 from zimage_core.checkpoints import load_dit, save_dit
 from zimage_core.config import DiTConfig, default_axes_dims
+from zimage_core.denoiser import Denoiser
 from zimage_core.dit import ZImageDiT
-from zimage_core.pipeline import Denoiser, initial_noise
 from zimage_core.quant import QuantLinear
-from zimage_core.sampling import get_sampler, noise_latent
+from zimage_core.sampling import get_sampler, initial_noise, latent_shape, noise_latent
 from zimage_core.schedules import flow_sigmas
 
 MID = DiTConfig.tiny(
@@ -58,7 +58,7 @@ def mid(tmp_path_factory):
 
 def final_latent(dit, caption) -> torch.Tensor:
     h, w = LATENT
-    noise = initial_noise(1, h * 8, w * 8, SEED)
+    noise = initial_noise(latent_shape(1, h * 8, w * 8), SEED)
     sigmas = flow_sigmas(STEPS, 3.0)
     with torch.inference_mode():
         x = noise_latent(torch.zeros_like(noise), noise, float(sigmas[0]))

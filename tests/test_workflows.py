@@ -232,7 +232,7 @@ def test_bad_input_is_a_readable_error(setup):
         setup["executor"].run(prompt)
     prompt = api("zimage_turbo_t2i.json")
     prompt[by_class(prompt, "EmptySD3LatentImage")[0]]["inputs"]["width"] = 72  # not a multiple of 16
-    from zimage_core.errors import ZImageError
+    from zimage_pack.zimage_core.errors import ZImageError  # raised inside the pack
 
     with pytest.raises(ZImageError, match="multiples of 16"):
         setup["executor"].run(prompt)

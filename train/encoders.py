@@ -14,8 +14,8 @@ import zlib
 
 import torch
 
-from zimage_core.checkpoints import resolve_dtype
 from zimage_core.config import TextEncoderConfig, VAEConfig
+from zimage_core.dtypes import resolve_dtype
 from zimage_core.errors import ZImageError
 from zimage_core.text_encoder import TextEncoder, build_qwen3, layers_used
 from zimage_core.vae import FluxVAE, load_vae

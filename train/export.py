@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from zimage_core.checkpoints import resolve_dtype, save_dit
+from zimage_core.checkpoints import save_dit
 from zimage_core.config import DiTConfig
+from zimage_core.dtypes import resolve_dtype
 from zimage_core.errors import ZImageError
 
 from . import checkpoint as ck

@@ -14,16 +14,16 @@ import logging
 import torch
 from torch import nn
 
-from zimage_core.checkpoints import DiTCheckpoint, load_dit
+from zimage_core.checkpoints import load_dit
 from zimage_core.config import DiTConfig
 from zimage_core.dit import ZImageDiT
+from zimage_core.dit_layout import DiTCheckpoint
+from zimage_core.dtypes import dtype_from_name
 from zimage_core.errors import ZImageError
 
 from .config import ModelSection
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def preset_config(m: ModelSection) -> DiTConfig:
@@ -91,7 +91,7 @@ def _grow_omni(dit: ZImageDiT, siglip_dim: int, seed: int) -> ZImageDiT:
 
 def build_dit(m: ModelSection, seed: int, trainable: bool = True) -> ZImageDiT:
     """The DiT for a run, on the CPU in ``m.dtype``; parameters require grad when ``trainable``."""
-    dtype = _DTYPES[m.dtype]
+    dtype = dtype_from_name(m.dtype)
     if m.checkpoint:
         cfg = DiTCheckpoint(m.checkpoint).config
         if m.dims:

@@ -1,7 +1,7 @@
 """Periodic sample images during training, drawn with zimage's own pipeline (the CLI's sampling code).
 
 The fixed prompts are encoded once when the run starts (the text encoder is freed afterwards); each
-sample uses ``zimage_core.pipeline.initial_noise`` from its seed, so the images of two checkpoints are
+sample uses ``zimage_core.sampling.initial_noise`` from its seed, so the images of two checkpoints are
 directly comparable and equal what ``zimage generate`` draws from the exported weights.
 """
 
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from zimage_core.pipeline import GenerateOptions, ZImagePipeline, initial_noise
+from zimage_core.pipeline import GenerateOptions, ZImagePipeline
+from zimage_core.sampling import initial_noise, latent_shape
 from zimage_core.vae import tensor_to_pil
 
 from .config import SampleSection
@@ -45,7 +46,7 @@ class SampleRenderer:
 
     def latents(self, dit, device: torch.device, seed: int, autocast=nullcontext) -> torch.Tensor:
         pipe = ZImagePipeline(dit, None, self.vae, device)
-        noise = initial_noise(len(self.cond), self.cfg.height, self.cfg.width, seed)
+        noise = initial_noise(latent_shape(len(self.cond), self.cfg.height, self.cfg.width), seed)
         cond = [c.to(device) for c in self.cond]
         uncond = [c.to(device) for c in self.uncond] if self.uncond is not None else None
         was_training = dit.training

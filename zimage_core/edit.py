@@ -19,19 +19,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .config import PIXEL_MULTIPLE
+from .denoiser import GuidedDenoiser
 from .dit import ZImageDiT
 from .errors import ZImageError
-from .memory.streaming import flush_streamers
-from .pipeline import SigmaLookup
-from .sampling import cfg_active, cfg_combine, get_sampler, inpaint_model_fn, noise_latent
-from .schedules import flow_sigmas, img2img_sigmas, model_t
 
 __all__ = [
     "OMNI_PROMPT_TEMPLATE",
@@ -42,7 +38,6 @@ __all__ = [
     "omni_segment_texts",
     "prepare_reference",
     "reference_size",
-    "sample_omni",
 ]
 
 log = logging.getLogger(__name__)
@@ -181,8 +176,8 @@ class OmniCondition:
 Branch = list  # per sample: OmniCondition (edit) or a [L, cap_feat_dim] caption tensor (text only)
 
 
-class OmniDenoiser:
-    """The velocity field for Omni sampling: ``forward_omni`` at ``t = 1 - sigma``, sign flip, CFG.
+class OmniDenoiser(GuidedDenoiser):
+    """The model function for Omni sampling: ``forward_omni`` at ``t = 1 - sigma``, sign flip, CFG.
 
     ``cond`` / ``uncond`` hold one entry per latent: all :class:`OmniCondition`, or all caption tensors (that
     branch then runs the text-to-image forward, with its captions prepared once).
@@ -199,10 +194,7 @@ class OmniDenoiser:
         truncation: float = 1.0,
         sigmas: torch.Tensor | None = None,
     ):
-        self.dit, self.cfg, self.normalization, self.truncation = dit, cfg, normalization, truncation
-        self.use_cfg = uncond is not None and cfg > 1.0
-        # with the sampler's schedule, CFG truncation reads sigma on the host (no device sync per step)
-        self.sigma_value = SigmaLookup(sigmas) if sigmas is not None else (lambda s: float(s.reshape(-1)[0]))
+        super().__init__(dit, uncond is not None and cfg > 1.0, cfg, normalization, truncation, sigmas)
         self.cond = self._branch(cond, "positive", latent_hw)
         self.uncond = self._branch(uncond, "negative", latent_hw) if self.use_cfg else None
         if self.uncond is not None and len(self.uncond[1]) != len(self.cond[1]):
@@ -241,60 +233,12 @@ class OmniDenoiser:
             return self._omni(branch[1], x, t)
         return self.dit.denoise(x, t, branch[2])
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        t = model_t(sigma)
-        xin = x.to(self.dit.dtype)
-        if self.use_cfg and (self.truncation >= 1.0 or cfg_active(self.cfg, self.sigma_value(sigma), self.truncation)):
-            if self.cond[0] == self.uncond[0] == "omni":  # one batch [cond..., uncond...], like the reference
-                out = self._omni(self.cond[1] + self.uncond[1], torch.cat([xin, xin]), torch.cat([t, t])).float()
-                pos, neg = out.chunk(2)
-            else:
-                pos = self._forward(self.cond, xin, t).float()
-                neg = self._forward(self.uncond, xin, t).float()
-            v = cfg_combine(pos, neg, self.cfg, self.normalization)
-        else:
-            v = self._forward(self.cond, xin, t).float()
-        return -v
+    def forward_cond(self, x, t):
+        return self._forward(self.cond, x, t)
 
-
-def sample_omni(
-    dit: ZImageDiT,
-    cond: Branch,
-    uncond: Branch | None,
-    noise: torch.Tensor,
-    opts,
-    init_latents: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-    callback: Callable | None = None,
-    cancel: Callable[[], bool] | None = None,
-) -> torch.Tensor:
-    """:meth:`ZImagePipeline.sample` with :class:`OmniDenoiser`; ``opts`` is a ``GenerateOptions``.
-
-    Returns DiT-space latents ``[B, 16, h, w]`` (float32).
-    """
-    device = dit.device
-    noise = noise.to(device)
-    b, _, h, w = noise.shape
-    if len(cond) != b:
-        raise ZImageError(f"{len(cond)} conditionings for a batch of {b} latents.")
-    if init_latents is None:
-        sigmas = flow_sigmas(opts.steps, opts.shift)
-        x0 = torch.zeros_like(noise)
-    else:
-        x0 = init_latents.to(device, torch.float32)
-        sigmas = img2img_sigmas(opts.steps, opts.shift, opts.denoise)
-    x = noise_latent(x0, noise, float(sigmas[0]))
-    sigmas = sigmas.to(device)
-    fn = OmniDenoiser(dit, cond, uncond, (h, w), opts.cfg, opts.cfg_normalization, opts.cfg_truncation, sigmas=sigmas)
-    if init_latents is not None and mask is not None:
-        fn = inpaint_model_fn(fn, x0, noise, mask.to(device))
-    sampler = get_sampler(opts.sampler)
-    try:
-        with torch.inference_mode():
-            x = sampler(fn, x, sigmas, callback=callback, cancel=cancel)
-    finally:
-        flush_streamers(dit)  # no prefetched block (block-swap memory modes) outlives the run
-    if init_latents is not None and mask is not None:
-        m = mask.to(device)
-        x = x * m + init_latents.to(device, torch.float32) * (1 - m)
-    return x
+    def forward_pair(self, x, t):
+        if self.cond[0] == self.uncond[0] == "omni":  # one batch [cond..., uncond...], like the reference
+            out = self._omni(self.cond[1] + self.uncond[1], torch.cat([x, x]), torch.cat([t, t])).float()
+            pos, neg = out.chunk(2)
+            return pos, neg
+        return self._forward(self.cond, x, t).float(), self._forward(self.uncond, x, t).float()

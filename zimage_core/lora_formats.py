@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import describe_wrong_file, native_to_diffusers_key
 from .config import DiTConfig
+from .dit_layout import describe_wrong_file, native_to_diffusers_key
 from .errors import LoraError
 
 log = logging.getLogger(__name__)

@@ -12,19 +12,23 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from .attention import set_attention
-from .checkpoints import load_dit, resolve_dtype
+from .checkpoints import load_dit
 from .config import PIXEL_MULTIPLE, VAE_DOWNSCALE
-from .dit import PreparedCaptions, ZImageDiT
+from .denoiser import Denoiser
+from .dit import ZImageDiT
+from .dtypes import resolve_dtype
 from .errors import ZImageError
+from .memory.planner import MemoryMode, parse_memory_mode
 from .memory.streaming import flush_streamers
-from .sampling import cfg_active, cfg_combine, get_sampler, inpaint_model_fn, noise_latent
-from .schedules import flow_sigmas, img2img_sigmas, model_t
+from .sampling import get_sampler, initial_noise, latent_shape, sample
+from .schedules import img2img_sigmas
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +86,6 @@ class GenerateOptions:
         return [x for x in n for _ in range(self.batch)]
 
 
-def initial_noise(batch: int, height: int, width: int, seed: int, channels: int = 16) -> torch.Tensor:
-    """Seeded CPU float32 noise, identical to diffusers and native ComfyUI for the whole batch."""
-    g = torch.Generator("cpu").manual_seed(int(seed))
-    shape = (batch, channels, height // VAE_DOWNSCALE, width // VAE_DOWNSCALE)
-    return torch.randn(shape, generator=g, dtype=torch.float32)
-
-
 def pick_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -98,67 +95,47 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-class SigmaLookup:
-    """Host values of a sampler's sigma schedule, so a model function can branch on sigma without a device read.
+def _tokens(c) -> int:
+    """Caption tokens of one conditioning entry (caption features, or an Omni condition's segments)."""
+    return int(c.shape[0]) if isinstance(c, torch.Tensor) else sum(int(s.shape[0]) for s in c.segments)
 
-    The samplers pass ``sigmas[i].expand(B)``, a view of the schedule tensor they were given; its storage
-    offset is ``i``. Any other tensor falls back to reading it (a host-device sync on a GPU).
+
+def denoise_latents(
+    dit: ZImageDiT,
+    cond: list,
+    uncond: list | None,
+    noise: torch.Tensor,
+    opts: GenerateOptions,
+    init_latents: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    callback: Callable | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """The sampling path of the CLI, the library, the nodes and training samples, wherever the DiT was placed.
+
+    ``cond``/``uncond`` hold one entry per latent: caption features ``[L, cap_feat_dim]`` (text to image), or
+    :class:`~zimage_core.edit.OmniCondition` (reference images; a text-only entry is then allowed on either
+    side). Builds the model function (:class:`~zimage_core.denoiser.Denoiser` or
+    :class:`~zimage_core.edit.OmniDenoiser`) and runs :func:`zimage_core.sampling.sample` in inference mode;
+    img2img and inpainting with ``init_latents``/``mask``. Returns DiT-space latents ``[B, 16, h, w]`` (float32).
     """
+    from .edit import OmniCondition, OmniDenoiser
 
-    def __init__(self, sigmas: torch.Tensor):
-        self.tensor = sigmas
-        self.values = sigmas.detach().cpu().tolist()
-        self._ptr = sigmas.untyped_storage().data_ptr()
-        self.misses = 0
-
-    def __call__(self, sigma: torch.Tensor) -> float:
-        if sigma.device == self.tensor.device and sigma.untyped_storage().data_ptr() == self._ptr:
-            i = sigma.storage_offset()
-            if 0 <= i < len(self.values):
-                return self.values[i]
-        self.misses += 1
-        return float(sigma.reshape(-1)[0])
-
-
-class Denoiser:
-    """The velocity field the samplers integrate: DiT call, ``t = 1 - sigma``, sign flip and CFG.
-
-    Captions are embedded and refined once; the plan for the CFG batch (``[cond..., uncond...]``) and
-    for the conditional batch alone are both built up front, so no step repeats that work. With
-    ``sigmas`` (the schedule tensor given to the sampler) CFG truncation reads sigma on the host.
-    """
-
-    def __init__(
-        self,
-        dit: ZImageDiT,
-        cond: list[torch.Tensor],
-        uncond: list[torch.Tensor] | None,
-        latent_hw: tuple[int, int],
-        cfg: float = 1.0,
-        normalization: float = 0.0,
-        truncation: float = 1.0,
-        sigmas: torch.Tensor | None = None,
-    ):
-        self.dit, self.cfg, self.normalization, self.truncation = dit, cfg, normalization, truncation
-        self.use_cfg = uncond is not None and cfg > 1.0
-        self.sigma_value = SigmaLookup(sigmas) if sigmas is not None else (lambda s: float(s.reshape(-1)[0]))
-        h, w = latent_hw
-        caps = dit.prepare_captions(list(cond) + (list(uncond) if self.use_cfg else []))
-        n = len(cond)
-        self.plan_cond = dit.plan(PreparedCaptions(caps.tokens[:n], caps.padded_lens[:n]), h, w)
-        self.plan_cfg = dit.plan(caps, h, w) if self.use_cfg else None
-
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        t = model_t(sigma)
-        xin = x.to(self.dit.dtype)
-        # cfg_truncation >= 1 never switches guidance off: sigma is not even looked at.
-        if self.use_cfg and (self.truncation >= 1.0 or cfg_active(self.cfg, self.sigma_value(sigma), self.truncation)):
-            out = self.dit.denoise(torch.cat([xin, xin]), torch.cat([t, t]), self.plan_cfg).float()
-            pos, neg = out.chunk(2)
-            v = cfg_combine(pos, neg, self.cfg, self.normalization)
-        else:
-            v = self.dit.denoise(xin, t, self.plan_cond).float()
-        return -v
+    device = dit.device
+    noise = noise.to(device)
+    b, _, h, w = noise.shape
+    if len(cond) != b:
+        raise ZImageError(f"{len(cond)} conditionings for a batch of {b} latents.")
+    denoise = opts.denoise if init_latents is not None else 1.0
+    sig = img2img_sigmas(opts.steps, opts.shift, denoise).to(device, torch.float32).contiguous()
+    omni = any(isinstance(c, OmniCondition) for c in list(cond) + list(uncond or []))
+    make = OmniDenoiser if omni else Denoiser
+    fn = make(dit, cond, uncond, (h, w), opts.cfg, opts.cfg_normalization, opts.cfg_truncation, sig)
+    try:
+        with torch.inference_mode():
+            return sample(fn, noise, sig, opts.sampler, init=init_latents, mask=mask, callback=callback, cancel=cancel)
+    finally:
+        flush_streamers(dit)  # no prefetched block (block-swap memory modes) outlives the run, whoever placed it
 
 
 @dataclass
@@ -194,7 +171,7 @@ class ZImagePipeline:
         vae,
         device: torch.device | str = "cpu",
         *,
-        memory: str | None = None,
+        memory: MemoryMode | str | None = None,
         offload_device: torch.device | str = "cpu",
         sources: ModelSources | None = None,
         lazy: bool = False,
@@ -210,7 +187,8 @@ class ZImagePipeline:
         self.lazy = lazy
         self.attention, self.compile = attention, compile
         self.attention_backend: str | None = None
-        self.residency = Residency(memory, self.device, offload_device) if memory is not None else None
+        mode = parse_memory_mode(memory) if memory is not None else None  # strings are parsed here, once
+        self.residency = Residency(mode, self.device, offload_device) if mode is not None else None
         self._estimates: dict[str, tuple] = {}
         self._work = None
 
@@ -225,7 +203,7 @@ class ZImagePipeline:
         device: str | None = "auto",
         dtype: str | None = "auto",
         *,
-        memory: str = "auto",
+        memory: MemoryMode | str = "auto",
         quant: str = "none",
         text_encoder_quant: str | None = None,
         attention: str = "auto",
@@ -241,7 +219,6 @@ class ZImagePipeline:
         ``lazy``: load nothing now; load each component before its stage and free it after.
         """
         from .lora import load_lora
-        from .memory import parse_memory_mode
 
         dev = pick_device(device)
         wdtype = resolve_dtype(dtype, dev)
@@ -258,7 +235,7 @@ class ZImagePipeline:
         ]
         if missing:
             raise ZImageError(f"no model given: pass --model DIR, or all of {', '.join(missing)}.")
-        mode = str(parse_memory_mode(memory))
+        mode = parse_memory_mode(memory)
         sources = ModelSources(
             transformer=Path(transformer or root),
             text_encoder=Path(text_encoder or root),
@@ -338,7 +315,7 @@ class ZImagePipeline:
                 continue
             if self.residency is not None:
                 self.residency.forget(name)
-            if name == "text_encoder" and hasattr(comp, "unload"):
+            if name == "text_encoder":
                 comp.unload()
             setattr(self, attr, None)
             del comp
@@ -365,15 +342,8 @@ class ZImagePipeline:
         return self.residency.load_device(component)
 
     def _load_dit(self) -> ZImageDiT:
-        from .memory import check_quant
-
         src = self._need_sources("diffusion model")
-        dit = load_dit(
-            src.transformer,
-            dtype=src.dtype,
-            device=self._target("dit"),
-            **check_quant(load_dit, src.quant, "diffusion model"),
-        )
+        dit = load_dit(src.transformer, dtype=src.dtype, device=self._target("dit"), quant=src.quant)
         self.attention_backend = set_attention(dit, self.attention, device=self.device)
         if src.loras:
             from .lora import apply_loras
@@ -387,7 +357,6 @@ class ZImagePipeline:
         return dit
 
     def _load_text_encoder(self):
-        from .memory import check_quant
         from .text_encoder import TextEncoder
 
         src = self.sources
@@ -396,7 +365,7 @@ class ZImagePipeline:
             tokenizer=src.tokenizer,
             dtype=src.dtype,
             device=self._target("text_encoder"),
-            **check_quant(TextEncoder.load, src.text_encoder_quant, "text encoder"),
+            quant=src.text_encoder_quant,
         )
 
     def _load_vae(self):
@@ -407,10 +376,22 @@ class ZImagePipeline:
 
     # ---- memory planning ---------------------------------------------------------------------------
     def _probe(self) -> None:
-        """Check every source file and size it from its header (no weights are read)."""
-        from .memory.components import probe_sources
+        """Check every source file in loading order (DiT, text encoder, VAE) and size it from its header, so a
+        wrong file is reported before anything heavy is read (a GGUF DiT is sized with its blocks packed)."""
+        from .checkpoints import probe_dit
+        from .memory import probe_size, text_encoder_probe_size
+        from .text_encoder import probe_text_encoder
+        from .vae import probe_vae
 
-        self._estimates = probe_sources(self.sources)
+        src = self.sources
+        dit = probe_dit(src.transformer)
+        te = probe_text_encoder(src.text_encoder, src.tokenizer)
+        vae = probe_vae(src.vae)
+        self._estimates = {
+            "dit": (probe_size(dit, src.dtype, src.quant), dit.config),
+            "text_encoder": (text_encoder_probe_size(te, src.dtype, src.text_encoder_quant), te.config),
+            "vae": (probe_size(vae, torch.float32, block=None), vae.config),
+        }
 
     def _plan(self, work=None):
         """Plan the memory mode for ``work`` (a :class:`~zimage_core.memory.Workload`); None if unmanaged."""
@@ -438,37 +419,34 @@ class ZImagePipeline:
         return self.device if plan is None or plan.mode == "full" else self.offload_device
 
     # ---- stages ------------------------------------------------------------------------------
+    @contextmanager
+    def _stage(self, name: str, component, work, place: bool = True):
+        """Run a stage under the memory plan (:meth:`Residency.stage`); a one-shot pipeline then frees it."""
+        res = self.residency
+        if res is None:
+            yield component
+            return
+        if place:
+            self._plan(work)
+        te = self._te if self._te is not None and self._te.loaded else None
+        others = {"dit": self._dit, "text_encoder": te, "vae": self._vae}
+        with res.stage(name, component, others, place=place, release=self.release if self.lazy else None):
+            yield component
+
     def encode_prompts(self, prompts: list[str], max_length: int | None = 512) -> list[torch.Tensor]:
         from .memory import Workload
 
         te = self.text_encoder
         if te is None:
             raise ZImageError("this pipeline has no text encoder; encode the prompts elsewhere and call sample().")
-        cached = getattr(te, "cached", None)
-        needs_model = not (callable(cached) and cached(prompts, max_length))
-        res = self.residency
-        if res is not None and needs_model:
-            plan = self._plan(self._work or Workload(batch=len(prompts), text_tokens=max_length or 512))
-            if plan.mode != "full":  # one big component on the device at a time
-                if self._dit is not None:
-                    res.park_dit(self._dit)
-                if self._vae is not None:
-                    self._vae.to(self.offload_device)
-            res.place_text_encoder(te)
-        try:
+        work = self._work or Workload(batch=len(prompts), text_tokens=max_length or 512)
+        with self._stage("text_encoder", te, work, place=not te.cached(prompts, max_length)):
             return te.encode(prompts, max_length=max_length)
-        finally:
-            if res is not None:
-                res.text_encoder_done()
-                if self.lazy:
-                    self.release("text_encoder")
-                elif res.plan is not None and res.plan.offload_text_encoder and needs_model:
-                    res.park_text_encoder(te)
 
     def sample(
         self,
-        cond: list[torch.Tensor],
-        uncond: list[torch.Tensor] | None,
+        cond: list,
+        uncond: list | None,
         noise: torch.Tensor,
         opts: GenerateOptions,
         init_latents: torch.Tensor | None = None,
@@ -476,77 +454,30 @@ class ZImagePipeline:
         callback: Callable | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
-        """Run the sampler; returns model-space latents ``[B, 16, h, w]`` (float32)."""
-        noise = noise.to(self.device)
-        b, _, h, w = noise.shape
-        if len(cond) != b:
-            raise ZImageError(f"{len(cond)} conditionings for a batch of {b} latents.")
-        dit = self.dit
-        res = self.residency
-        if res is not None:
-            from .memory import Workload
+        """:func:`denoise_latents` with the DiT placed by this pipeline's memory mode; returns model-space latents
+        ``[B, 16, h, w]`` (float32). ``cond``/``uncond``: caption features, or Omni conditions (edit)."""
+        from .memory import Workload
 
-            tokens = max(int(c.shape[0]) for c in list(cond) + list(uncond or []))
-            self._plan(
-                self._work
-                or Workload(w * VAE_DOWNSCALE, h * VAE_DOWNSCALE, b, uncond is not None and opts.cfg > 1.0, tokens)
-            )
-            if self._te is not None and self._te.loaded and res.plan.offload_text_encoder:
-                res.park_text_encoder(self._te)
-            if self._vae is not None and res.plan.mode != "full":
-                self._vae.to(self.offload_device)
-            res.place_dit(dit)
-        try:
-            if init_latents is None:
-                sigmas = flow_sigmas(opts.steps, opts.shift)
-                x0 = None
-                x = noise_latent(torch.zeros_like(noise), noise, float(sigmas[0]))
-            else:
-                x0 = init_latents.to(self.device, torch.float32)
-                sigmas = img2img_sigmas(opts.steps, opts.shift, opts.denoise)
-                x = noise_latent(x0, noise, float(sigmas[0]))
-            sig = sigmas.to(self.device, torch.float32).contiguous()
-            fn = Denoiser(dit, cond, uncond, (h, w), opts.cfg, opts.cfg_normalization, opts.cfg_truncation, sig)
-            if x0 is not None and mask is not None:
-                fn = inpaint_model_fn(fn, x0, noise, mask.to(self.device))
-            sampler = get_sampler(opts.sampler)
-            with torch.inference_mode():
-                x = sampler(fn, x, sig, callback=callback, cancel=cancel)
-        finally:
-            flush_streamers(dit)  # no prefetched block outlives the run, whoever placed the DiT
-            if res is not None and self.lazy:
-                self.release("dit")
-        if x0 is not None and mask is not None:
-            m = mask.to(self.device)
-            x = x * m + x0 * (1 - m)
-        return x
+        b, _, h, w = noise.shape
+        tokens = max(_tokens(c) for c in list(cond) + list(uncond or []))
+        work = self._work or Workload(
+            w * VAE_DOWNSCALE, h * VAE_DOWNSCALE, b, uncond is not None and opts.cfg > 1.0, tokens
+        )
+        dit = self.dit
+        with self._stage("dit", dit, work):
+            return denoise_latents(dit, cond, uncond, noise, opts, init_latents, mask, callback, cancel)
 
     def _vae_stage(self, fn, work_hw: tuple[int, int], batch: int):
-        """Run ``fn(vae)`` with the VAE on the device (and the DiT parked first when the plan says so)."""
+        """Run ``fn(vae, planned tile)`` with the VAE on the device (the DiT parked first when the plan says so)."""
+        from .memory import Workload
+
         vae = self.vae
         if vae is None:
             raise ZImageError("this pipeline has no VAE.")
-        res = self.residency
-        tile = None
-        if res is not None:
-            from .memory import Workload
-
-            plan = self._plan(self._work or Workload(work_hw[1], work_hw[0], batch))
-            if plan is not None:
-                if plan.offload_dit and self._dit is not None:
-                    res.park_dit(self._dit)
-                if self._te is not None and self._te.loaded and plan.mode != "full":
-                    res.park_text_encoder(self._te)
-                tile = plan.vae_tile
-            vae.to(self.device)
-        try:
+        with self._stage("vae", vae, self._work or Workload(work_hw[1], work_hw[0], batch)):
+            tile = self.residency.plan.vae_tile if self.residency is not None else None
             with torch.inference_mode():
                 return fn(vae, tile)
-        finally:
-            if self.lazy and res is not None:
-                self.release("vae")
-            elif res is not None:
-                vae.to(self._vae_home())
 
     def decode(self, latents: torch.Tensor, tile: int | str | None = "auto") -> torch.Tensor:
         """Model-space latents -> pixels in [-1, 1] (float32), checked for NaN/Inf."""
@@ -595,7 +526,7 @@ class ZImagePipeline:
             cond = [embeds[p] for p in prompts]
             uncond = [embeds[n] for n in opts.negatives()] if use_cfg else None
             del embeds
-            noise = initial_noise(len(prompts), opts.height, opts.width, opts.seed)
+            noise = initial_noise(latent_shape(len(prompts), opts.height, opts.width), opts.seed)
             if init_latents is not None:
                 init_latents = init_latents.expand(len(prompts), -1, -1, -1)
                 mask = mask.expand(len(prompts), -1, -1, -1) if mask is not None else None

@@ -32,9 +32,13 @@ from pathlib import Path
 import torch
 
 from .config import TextEncoderConfig
+from .dit_layout import describe_wrong_file
+from .dtypes import dtype_from_name
 from .errors import CheckpointError, ZImageError
+from .quant import load as qload
+from .quant.modes import check_mode
 from .tokenizer import find_tokenizer, load_tokenizer
-from .weights import WeightSource, materialize
+from .weights import FileProbe, TensorInfo, WeightSource, materialize
 
 __all__ = [
     "ZIMAGE_TEMPLATE",
@@ -53,6 +57,7 @@ ZIMAGE_TEMPLATE = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n
 # ComfyUI all-in-one checkpoints store the text encoder under this prefix.
 AIO_PREFIXES = ("text_encoders.qwen3_4b.transformer.",)
 _KEPT_ROOTS = ("embed_tokens.", "layers.", "norm.")
+_LAYER = re.compile(r"^layers\.(\d+)\.")
 # ComfyUI fp8 files: "<layer>.weight" (float8) times "<layer>.weight_scale" (new) or ".scale_weight" (legacy).
 _SCALE_SUFFIXES = (".weight_scale", ".scale_weight")
 _QUANT_AUX_SUFFIXES = (".input_scale", ".scale_input", ".comfy_quant", ".weight_scale_2")
@@ -82,7 +87,6 @@ def _normalise_key(key: str, prefix: str) -> str | None:
 
 
 def _describe(keys: list[str]) -> str:
-    from .checkpoints import describe_wrong_file  # lazy: checkpoints is the DiT's module
 
     stripped = {k.removeprefix("model.diffusion_model.") for k in keys}
     if (
@@ -246,6 +250,33 @@ def _locate(path: Path) -> tuple[Path, Path | None]:
     return path, (cfg if cfg is not None and cfg.is_file() else None)
 
 
+def probe_text_encoder(
+    path: str | os.PathLike, tokenizer: str | os.PathLike | None = None, comfy_tokenizer_dir=None
+) -> FileProbe:
+    """What a Qwen3 text-encoder file holds, from its header: the config and the tensors the encoder would load
+    (the embeddings and the layers that run). Finds the tokenizer too, so a missing one fails here."""
+    p = Path(path).expanduser()
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        find_tokenizer(tokenizer, p, comfy_tokenizer_dir)
+    weights, cfg_json = _locate(p)
+    view = qwen3_weight_view(WeightSource.open(weights, what="text encoder"), p)
+    shapes = {k: tuple(view.shape(k)) for k in view}
+    hf = None
+    if cfg_json is not None:
+        try:
+            hf = json.loads(cfg_json.read_text())
+        except (OSError, ValueError):
+            hf = None
+    cfg = infer_text_encoder_config(shapes, hf)
+    n_run = layers_used(cfg)
+    tensors = {"embed_tokens.weight": TensorInfo(shapes["embed_tokens.weight"], quantizable=False)}
+    for key, shape in shapes.items():
+        m = _LAYER.match(key)
+        if m and int(m.group(1)) < n_run:
+            tensors[key] = TensorInfo(shape)
+    return FileProbe(p, cfg, tensors, "qwen3")
+
+
 # ---------------------------------------------------------------------------------------------
 # The encoder
 # ---------------------------------------------------------------------------------------------
@@ -295,15 +326,10 @@ class TextEncoder:
         ``quant`` (``none``, ``int8``, ``nf4``, ``fp8``) quantizes the attention/MLP linears while loading;
         ComfyUI's fp8/int8 files keep their quantized linears either way (see :mod:`zimage_core.quant`).
         """
-        from .quant import load as qload
-
-        mode = qload.check_mode(quant)
+        mode = check_mode(quant)
         p = Path(path).expanduser()
         if isinstance(dtype, str):
-            name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
-            if not isinstance(getattr(torch, name, None), torch.dtype):
-                raise ZImageError(f"unknown dtype '{dtype}' for the text encoder; use bf16, fp16 or fp32.")
-            dtype = getattr(torch, name)
+            dtype = dtype_from_name(dtype)
         tok_dir = None
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
             tok_dir = find_tokenizer(tokenizer, p, comfy_tokenizer_dir)  # fail fast, before any weight is read
@@ -369,6 +395,12 @@ class TextEncoder:
         for k, (emb, n, cut) in self._cache.items():
             self._cache[k] = (emb.to(device), n, cut)
         return self
+
+    def set_compute_device(self, device: torch.device | str) -> None:
+        """Compute on ``device`` without moving the weights (some layers stream there from host memory)."""
+        self._device = torch.device(device)
+        for k, (emb, n, cut) in self._cache.items():
+            self._cache[k] = (emb.to(self._device), n, cut)
 
     def unload(self) -> None:
         """Drop the model and the cache, freeing their memory."""

@@ -26,7 +26,7 @@ from . import winograd
 from .config import VAE_SCALE, VAE_SHIFT, VAEConfig
 from .errors import CheckpointError, ZImageError
 from .vae_tiling import resolve_tile, tiled_map
-from .weights import WeightSource, materialize, resolve_weight_files
+from .weights import FileProbe, TensorInfo, WeightSource, materialize, resolve_weight_files
 
 log = logging.getLogger(__name__)
 
@@ -545,6 +545,16 @@ def _bfl_view(src: WeightSource, where: Path) -> tuple[WeightSource, str]:
         n = count_levels(keys)
         return src.renamed(lambda k: diffusers_to_bfl_key(k, n) or k), "diffusers"
     return src, "bfl"
+
+
+def probe_vae(path: str | os.PathLike) -> FileProbe:
+    """What a Flux VAE file or folder holds, from its header: the config and its tensors (loaded as float32)."""
+    p = Path(path).expanduser()
+    files, _ = _vae_files(p)
+    src, layout = _bfl_view(WeightSource(files, "VAE"), p)
+    shapes = {k: tuple(src.shape(k)) for k in src}
+    tensors = {k: TensorInfo(shape, quantizable=False) for k, shape in shapes.items()}
+    return FileProbe(p, vae_config_from_shapes(shapes), tensors, layout)
 
 
 def load_vae(

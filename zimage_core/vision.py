@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, ZImageError
-from .weights import WeightSource, materialize
+from .weights import FileProbe, TensorInfo, WeightSource, materialize
 
 __all__ = ["SIGLIP_HELP", "VisionEncoder", "infer_vision_config", "make_processor", "to_pil"]
 
@@ -156,6 +156,29 @@ def _locate(path: Path) -> tuple[Path, dict | None, dict | None]:
     return path, read("config.json"), read("preprocessor_config.json")
 
 
+def probe_vision(path: str | os.PathLike) -> FileProbe:
+    """What a SigLIP2 vision-tower file or folder holds, from its header: the config and its tensors."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"vision encoder: '{p}' does not exist. " + SIGLIP_HELP)
+    weights, hf, _ = _locate(p)
+    view = _tower_view(weights, p)
+    shapes = {k: tuple(view.shape(k)) for k in view}
+    return FileProbe(p, infer_vision_config(shapes, hf), {k: TensorInfo(v) for k, v in shapes.items()}, "siglip2")
+
+
+def _tower_view(weights: Path, p: Path) -> WeightSource:
+    """The SigLIP2 vision tower's tensors under their canonical names; anything else raises one clear error."""
+    try:
+        src = WeightSource.open(weights, what="vision encoder")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} {SIGLIP_HELP}") from None
+    view = src.renamed(_canonical)
+    if "embeddings.patch_embedding.weight" not in view:
+        raise CheckpointError(f"vision encoder: '{p}' holds no SigLIP2 vision tower. " + SIGLIP_HELP)
+    return view
+
+
 class VisionEncoder:
     """SigLIP2 vision tower + NaFlex processor: images in, ``[h, w, hidden]`` patch-grid features out."""
 
@@ -174,13 +197,7 @@ class VisionEncoder:
         if not p.exists():
             raise CheckpointError(f"vision encoder: '{p}' does not exist. " + SIGLIP_HELP)
         weights, hf, pre = _locate(p)
-        try:
-            src = WeightSource.open(weights, what="vision encoder")
-        except CheckpointError as e:
-            raise CheckpointError(f"{e} {SIGLIP_HELP}") from None
-        view = src.renamed(_canonical)
-        if "embeddings.patch_embedding.weight" not in view:
-            raise CheckpointError(f"vision encoder: '{p}' holds no SigLIP2 vision tower. " + SIGLIP_HELP)
+        view = _tower_view(weights, p)
         cfg = infer_vision_config({k: view.shape(k) for k in view}, hf)
         with torch.device("meta"):
             model = Siglip2VisionModel(cfg)
@@ -219,6 +236,11 @@ class VisionEncoder:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    def to(self, device: torch.device | str) -> VisionEncoder:
+        """Move the weights; the encoder computes where they are."""
+        self.model.to(device)
+        return self
 
     def encode(self, images) -> list[torch.Tensor]:
         """One float32 ``[h, w, hidden]`` feature grid per image (PIL images, or IMAGE items ``[H, W, 3]``)."""

@@ -24,6 +24,7 @@ import mmap
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +33,50 @@ from safetensors.torch import save_file
 from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
+
+
+#: Stored dtypes that a loader keeps as they are (ComfyUI's fp8 / int8 files): one byte per weight once loaded.
+EIGHT_BIT = ("F8_E4M3", "F8_E5M2", "I8", "U8")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor a loader will hold, read from a file header.
+
+    ``kept_bytes``: its size once loaded when the loader keeps the stored form (8-bit or GGUF-packed weights);
+    None when it is converted to the compute dtype. ``quantizable``: whether ``--quant`` applies to it.
+    """
+
+    shape: tuple[int, ...]
+    kept_bytes: int | None = None
+    quantizable: bool = True
+
+
+@dataclass
+class FileProbe:
+    """What a component's file holds, from its header alone (no weights read): the inferred config and the
+    tensors its loader would hold, by name. Each component module has a ``probe_*`` function that returns one."""
+
+    path: Path
+    config: object
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    layout: str = ""
+    #: Lazy readers of single tensors by the model's own parameter names (for checks before loading).
+    getters: Mapping[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
+
+
+def tensor_infos(src, keys: Iterable[str] | None = None, quantizable: bool = True) -> dict[str, TensorInfo]:
+    """:class:`TensorInfo` for the keys of a :class:`WeightSource` (8-bit stored tensors are kept as they are)."""
+    out = {}
+    for k in src if keys is None else keys:
+        shape = tuple(src.shape(k))
+        kept = None
+        if src.dtype_name(k) in EIGHT_BIT:
+            kept = 1
+            for d in shape:
+                kept *= int(d)
+        out[k] = TensorInfo(shape, kept, quantizable)
+    return out
 
 
 def resolve_weight_files(path: str | os.PathLike, what: str = "weights") -> list[Path]:

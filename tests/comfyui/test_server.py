@@ -218,7 +218,7 @@ def node_of(prompt: dict, class_type: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 def test_object_info_lists_every_node(server):
-    from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from zimage_pack.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
     for node_id, cls in NODE_CLASS_MAPPINGS.items():
         info = server.object_info[node_id]

@@ -91,7 +91,7 @@ def install_edit_models(tiny, root: Path, seed: int = 0) -> Path:
 def peft_lora(dit, keys, rank=2, seed=0) -> dict[str, torch.Tensor]:
     """Tensors of a diffusers/PEFT-style LoRA for native module names ``keys`` of ``dit`` (``.to_q`` etc. for
     the slices of the fused qkv)."""
-    from zimage_core.checkpoints import native_to_diffusers_key
+    from zimage_core.dit_layout import native_to_diffusers_key
 
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -246,7 +246,7 @@ CORE_NODES = {
 
 
 def all_nodes() -> dict:
-    from nodes import NODE_CLASS_MAPPINGS
+    from zimage_pack.nodes import NODE_CLASS_MAPPINGS
 
     return {**CORE_NODES, **NODE_CLASS_MAPPINGS}
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from zimage_core.checkpoints import config_to_diffusers, save_dit
+from zimage_core.checkpoints import save_dit
 from zimage_core.config import DiTConfig
+from zimage_core.dit_layout import config_to_diffusers
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -38,7 +39,7 @@ def make_diffusers_dit(cfg: DiTConfig, seed: int = 0):
 
 
 def diffusers_to_native_state(model) -> dict[str, torch.Tensor]:
-    from zimage_core.checkpoints import DIFFUSERS_TO_NATIVE, QKV_FUSED, QKV_SPLIT
+    from zimage_core.dit_layout import DIFFUSERS_TO_NATIVE, QKV_FUSED, QKV_SPLIT
 
     sd = model.state_dict()
     out = {}

@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from zimage_core.checkpoints import native_to_diffusers_key
+from zimage_core.dit_layout import native_to_diffusers_key
 
 QKV = ("to_q", "to_k", "to_v")
 
@@ -58,7 +58,7 @@ def expected_weights(model, specs: list[tuple[dict, float]]) -> dict[str, torch.
 
 
 def _native(d: str) -> str:
-    from zimage_core.checkpoints import diffusers_to_native_key
+    from zimage_core.dit_layout import diffusers_to_native_key
 
     return diffusers_to_native_key(d + ".weight")[: -len(".weight")]
 

@@ -17,8 +17,9 @@ from train.data import make_synthetic_dataset
 from train.export import main as export_main
 from train.lora_train import adapters
 from train.trainer import Trainer
-from zimage_core.checkpoints import DiTCheckpoint, load_dit
+from zimage_core.checkpoints import load_dit
 from zimage_core.cli import main as zimage
+from zimage_core.dit_layout import DiTCheckpoint
 from zimage_core.lora import apply_loras, load_lora
 
 pytestmark = [

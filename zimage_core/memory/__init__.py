@@ -6,7 +6,7 @@
 - :mod:`.components`: :class:`Residency`, which applies a plan to the pipeline's components stage by stage.
 """
 
-from .components import Residency, check_quant, device_free_bytes, probe_dit, probe_text_encoder, probe_vae
+from .components import Residency, device_free_bytes, dit_stage_size, probe_size, text_encoder_probe_size
 from .planner import (
     DEFAULT_RESERVE,
     MEMORY_MODES,
@@ -28,16 +28,15 @@ __all__ = [
     "MemoryPlan",
     "Residency",
     "Workload",
-    "check_quant",
     "device_free_bytes",
+    "dit_stage_size",
     "dit_stream_blocks",
     "module_bytes",
     "parse_memory_mode",
     "pick_blocks",
     "plan_memory",
-    "probe_dit",
-    "probe_text_encoder",
-    "probe_vae",
+    "probe_size",
+    "text_encoder_probe_size",
     "resident_parts",
     "stream_dit",
 ]

@@ -3,7 +3,8 @@
 :class:`Residency` turns a :class:`~zimage_core.memory.planner.MemoryPlan` into moves: before a stage it parks
 what the plan wants off the device and places (or streams) the stage's component; after it, it drops
 pending prefetches. Sizes come from the loaded modules, or from the file headers when a component is not
-loaded yet (the one-shot command line loads each component just before its stage).
+loaded yet (the one-shot command line loads each component just before its stage): each component module's
+``probe_*`` function reads its own file; this module only adds up the bytes.
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ from __future__ import annotations
 import gc
 import logging
 import re
-from pathlib import Path
+from contextlib import contextmanager
 
 import torch
 
-from ..errors import ZImageError
 from .planner import (
     DEFAULT_RESERVE,
     ComponentSize,
@@ -23,7 +23,6 @@ from .planner import (
     MemoryPlan,
     Workload,
     dit_activation,
-    parse_memory_mode,
     plan_memory,
     text_encoder_activation,
     vae_activation,
@@ -34,14 +33,17 @@ from .streaming import (
     dit_block_count,
     dit_stream_blocks,
     module_bytes,
+    move_resident,
+    resident_parts,
     stream_dit,
     stream_text_encoder,
 )
 
+_MEASURE = object()  # make_plan: read the device's free memory
+
 log = logging.getLogger(__name__)
 
 _DIT_BLOCK = re.compile(r"(?:^|\.)(noise_refiner|context_refiner|siglip_refiner|layers)\.(\d+)\.")
-_8BIT = ("F8_E4M3", "F8_E5M2", "I8", "U8")
 _TE_LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
@@ -72,7 +74,7 @@ def vae_size(vae, work: Workload) -> ComponentSize:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sizes from file headers (nothing loaded); also checks that each file is what it should be
+# Sizes from file headers (a component module's ``probe_*``: nothing loaded)
 # ---------------------------------------------------------------------------------------------
 def _numel(shape) -> int:
     n = 1
@@ -81,110 +83,49 @@ def _numel(shape) -> int:
     return n
 
 
-def _quant_bytes(shape, elt: int, quant: str) -> int:
-    # Weight-only quantization touches the big matrices; norms, biases and small tables keep their dtype.
-    return weight_bytes(_numel(shape), elt, quant if len(shape) == 2 and _numel(shape) >= 1 << 16 else "none")
+def tensor_bytes_loaded(info, elt: int, quant: str) -> int:
+    """Bytes one probed tensor takes once loaded: as stored when the loader keeps it (8-bit, GGUF blocks),
+    else in the compute dtype, with weight-only quantization applied to the big matrices it may touch."""
+    if info.kept_bytes is not None:
+        return int(info.kept_bytes)
+    n = _numel(info.shape)
+    big = info.quantizable and len(info.shape) == 2 and n >= 1 << 16
+    return weight_bytes(n, elt, quant if big else "none")
 
 
-def probe_dit(path, dtype: torch.dtype, quant: str = "none"):
-    """``(ComponentSize without activation, DiTConfig)`` from the header; raises for a wrong file.
-
-    Tensors stored in 8 bits (ComfyUI fp8/int8 files) stay so when loaded and count one byte each."""
-    from ..checkpoints import DiTCheckpoint
-
-    blocks: dict[tuple[str, int], int] = {}
-    total = 0
-    if _is_gguf(path):  # packed blocks stay packed: count what the loader will hold
-        from ..quant.load import gguf_dit_sizes
-
-        cfg, sizes = gguf_dit_sizes(path, dtype)
-        for key, b in sizes.items():
-            total += b
-            m = _DIT_BLOCK.search(key)
-            if m:
-                blocks[(m.group(1), int(m.group(2)))] = blocks.get((m.group(1), int(m.group(2))), 0) + b
-        return ComponentSize(total, tuple(blocks.values())), cfg
-    ckpt = DiTCheckpoint(path)
-    src = ckpt.source
+def probe_size(probe, dtype: torch.dtype, quant: str = "none", block=_DIT_BLOCK) -> ComponentSize:
+    """Weight bytes of a probed file (a ``FileProbe``) once loaded, and of each block ``block`` groups (by the
+    regex's groups, in order of appearance); no activation."""
     elt = _elt(dtype)
-    for key in src:
-        shape = src.shape(key)
-        b = _numel(shape) if src.dtype_name(key) in _8BIT else _quant_bytes(shape, elt, quant)
+    blocks: dict[tuple, int] = {}
+    total = 0
+    for key, info in probe.tensors.items():
+        b = tensor_bytes_loaded(info, elt, quant)
         total += b
-        m = _DIT_BLOCK.search(key)
+        m = block.search(key) if block is not None else None
         if m:
-            blocks[(m.group(1), int(m.group(2)))] = blocks.get((m.group(1), int(m.group(2))), 0) + b
-    return ComponentSize(total, tuple(blocks.values())), ckpt.config
+            blocks[m.groups()] = blocks.get(m.groups(), 0) + b
+    return ComponentSize(total, tuple(blocks.values()))
 
 
-def probe_text_encoder(
-    path, tokenizer=None, dtype: torch.dtype = torch.float32, quant: str = "none", comfy_tokenizer_dir=None
-):
-    """``(ComponentSize without activation, TextEncoderConfig)``; checks the weights and finds the tokenizer."""
-    from .. import text_encoder as tem
-    from ..weights import WeightSource
-
-    p = Path(path).expanduser()
-    if tokenizer is None or isinstance(tokenizer, (str, Path)):
-        tem.find_tokenizer(tokenizer, p, comfy_tokenizer_dir)
-    weights, cfg_json = tem._locate(p)
-    view = tem.qwen3_weight_view(WeightSource.open(weights, what="text encoder"), p)
-    shapes = {k: view.shape(k) for k in view}
-    hf = None
-    if cfg_json is not None:
-        import json
-
-        try:
-            hf = json.loads(cfg_json.read_text())
-        except (OSError, ValueError):
-            hf = None
-    cfg = tem.infer_text_encoder_config(shapes, hf)
-    n_run = tem.layers_used(cfg)
+def text_encoder_probe_size(probe, dtype: torch.dtype, quant: str = "none") -> ComponentSize:
+    """Weight bytes of a probed text encoder once loaded, its layers as the blocks (in layer order)."""
     elt = _elt(dtype)
-    layers = [0] * n_run
+    per: dict[int, int] = {}
     total = 0
-    for key, shape in shapes.items():
+    for key, info in probe.tensors.items():
+        b = tensor_bytes_loaded(info, elt, quant)
+        total += b
         m = _TE_LAYER.match(key)
-        if m and int(m.group(1)) >= n_run:
-            continue
-        if not m and key != "embed_tokens.weight":
-            continue
-        b = _quant_bytes(shape, elt, quant) if m else _numel(shape) * elt
-        total += b
         if m:
-            layers[int(m.group(1))] += b
-    return ComponentSize(total, tuple(layers)), cfg
+            per[int(m.group(1))] = per.get(int(m.group(1)), 0) + b
+    return ComponentSize(total, tuple(per[i] for i in sorted(per)))
 
 
-def probe_vae(path):
-    """``(ComponentSize without activation, VAEConfig)`` of a Flux VAE file or folder (float32)."""
-    from .. import vae as vm
-    from ..weights import WeightSource
-
-    p = Path(path).expanduser()
-    files, dconfig = vm._vae_files(p)
-    src, _ = vm._bfl_view(WeightSource(files, "VAE"), p)
-    shapes = {k: src.shape(k) for k in src}
-    cfg = vm.vae_config_from_shapes(shapes)
-    return ComponentSize(sum(_numel(s) for s in shapes.values()) * 4), cfg
-
-
-def _is_gguf(path) -> bool:
-    try:
-        from ..quant.gguf import is_gguf
-    except ImportError:
-        return False
-    return is_gguf(path)
-
-
-def probe_sources(src) -> dict[str, tuple]:
-    """``{component: (size without activation, config)}`` for a pipeline's ``ModelSources``, checking each file
-    in loading order (DiT, text encoder, VAE) so a wrong file is reported before anything heavy is read.
-    A GGUF DiT is sized from its header with its blocks still packed."""
-    out = {"dit": probe_dit(src.transformer, src.dtype, src.quant)}
-    out["text_encoder"] = probe_text_encoder(src.text_encoder, src.tokenizer, src.dtype, src.text_encoder_quant)
-    out["vae"] = probe_vae(src.vae)
-    return out
+def dit_stage_size(probe, dtype: torch.dtype, quant: str, work: Workload) -> ComponentSize:
+    """A probed DiT's weight bytes and blocks plus the working memory of one step of ``work``."""
+    size = probe_size(probe, dtype, quant)
+    return with_activation(size, dit_activation(probe.config, work, _elt(dtype)))
 
 
 def with_activation(size: ComponentSize, activation: int) -> ComponentSize:
@@ -238,44 +179,58 @@ def on_device_bytes(module, device: torch.device) -> int:
 
 
 class Residency:
-    """Applies one memory mode to a DiT, a :class:`~zimage_core.text_encoder.TextEncoder` and a VAE."""
+    """The one placement API: where the DiT, the text encoder and the VAE live while each stage runs.
+
+    A :class:`MemoryPlan` (from :meth:`make_plan`) says what streams and what leaves the device; :meth:`stage`
+    applies it around one stage (``"text_encoder"``, ``"dit"`` or ``"vae"``): it parks the components the plan
+    wants off the device, places the stage's component (whole, or streaming blocks from host memory), and
+    afterwards drops pending prefetches and parks or releases it. A host that moves models itself (ComfyUI)
+    uses :meth:`stream` and :meth:`move` instead: the streamed blocks stay ours, the resident part is the host's.
+    """
 
     def __init__(
         self,
-        mode: str | MemoryMode,
+        mode: MemoryMode,
         device: torch.device,
         offload_device: torch.device | str = "cpu",
         reserve: int = DEFAULT_RESERVE,
         pin: bool | None = None,
         trace: bool = False,
     ):
-        self.mode = parse_memory_mode(mode)
+        if not isinstance(mode, MemoryMode):
+            raise TypeError(f"Residency takes a MemoryMode (parse_memory_mode at the edge), got {mode!r}")
+        self.mode = mode
         self.device = torch.device(device)
         self.offload_device = torch.device(offload_device)
         self.reserve = reserve
         self.pin = pin
         self.trace = trace
         self.plan: MemoryPlan | None = None
-        self.dit_streamer: BlockStreamer | None = None
-        self.te_streamer: BlockStreamer | None = None
-        self._dit_key: tuple | None = None  # (id(dit), blocks streamed) of the installed DiT placement
-        self._te_key: tuple | None = None
+        self.streamers: dict[str, BlockStreamer] = {}
+        self._placed: dict[str, tuple] = {}  # component -> (id(module), blocks streamed) of its installed placement
 
     # ---- planning ------------------------------------------------------------------------------
     def make_plan(
         self,
         dit: ComponentSize,
-        te: ComponentSize | None,
-        vae: ComponentSize | None,
-        work: Workload,
+        te: ComponentSize | None = None,
+        vae: ComponentSize | None = None,
+        work: Workload | None = None,
         vae_cfg=None,
         resident: int = 0,
+        free: int | None | object = _MEASURE,
     ) -> MemoryPlan:
-        free = device_free_bytes(self.device, resident)
-        plan = plan_memory(self.mode, free, dit, te, vae, reserve=self.reserve, vae_cfg=vae_cfg, work=work)
+        """Plan for these sizes against the device's free memory (or ``free`` bytes; None: no limit)."""
+        if free is _MEASURE:
+            free = device_free_bytes(self.device, resident)
+        plan = plan_memory(
+            self.mode, free, dit, te, vae, reserve=self.reserve, vae_cfg=vae_cfg, work=work or Workload()
+        )
         if self.plan is None or _decision(plan) != _decision(self.plan):
             (log.warning if not plan.fits else log.info)(
-                "memory %s: %s", self.mode, plan.describe() + ("" if free is None else f" [free {free / 2**30:.2f} GB]")
+                "memory %s: %s",
+                self.mode,
+                plan.describe() + ("" if free is None else f" [free {free / 2**30:.2f} GB]"),
             )
         self.plan = plan
         return plan
@@ -285,75 +240,120 @@ class Residency:
             raise RuntimeError("Residency: no plan yet (make_plan first)")
         return self.plan
 
+    def streamed_blocks(self, component: str) -> int:
+        plan = self._require_plan()
+        return {"dit": plan.dit_swap, "text_encoder": plan.te_swap}.get(component, 0)
+
     def load_device(self, component: str) -> torch.device:
         """Where a component should be loaded: straight onto the device when the plan keeps it whole there."""
-        plan = self._require_plan()
-        streams = {"dit": plan.dit_swap, "text_encoder": plan.te_swap}.get(component, 0)
-        return self.device if streams == 0 else self.offload_device
+        return self.device if self.streamed_blocks(component) == 0 else self.offload_device
 
-    # ---- DiT -----------------------------------------------------------------------------------
-    def place_dit(self, dit) -> None:
+    # ---- stages --------------------------------------------------------------------------------
+    @contextmanager
+    def stage(self, name: str, component, others: dict | None = None, place: bool = True, release=None):
+        """Run one stage with ``component`` placed for it.
+
+        ``others``: the other loaded components by name (those the plan wants off the device are parked first).
+        ``place=False``: the stage does not need the weights (e.g. every prompt is cached): nothing moves.
+        ``release(name)``: called at the end instead of parking (a one-shot run frees each component after use).
+        """
         plan = self._require_plan()
-        key = (id(dit), plan.dit_swap)
-        if self._dit_key == key:
+        if place:
+            for other in plan.evicts(name):
+                if (others or {}).get(other) is not None:
+                    self.park(other, others[other])
+            self.place(name, component)
+        try:
+            yield component
+        finally:
+            self.finish(name)
+            if release is not None:
+                release(name)
+            elif place and plan.parks_after(name):
+                self.park(name, component)
+
+    def place(self, name: str, component) -> None:
+        """Put ``component`` on the device as the plan says: whole, or with its planned blocks streaming."""
+        n = self.streamed_blocks(name)
+        key = (id(component), n)
+        if name == "vae":
+            component.to(self.device)
             return
-        self._drop_dit_streamer()
-        self.dit_streamer = stream_dit(
-            dit, plan.dit_swap, self.device, self.offload_device, pin=self.pin, trace=self.trace
-        )
-        self._dit_key = key
-
-    def park_dit(self, dit) -> None:
-        self._drop_dit_streamer()
-        if dit is not None:
-            dit.to(self.offload_device)
-        self._dit_key = None
-
-    def _drop_dit_streamer(self) -> None:
-        if self.dit_streamer is not None:
-            self.dit_streamer.remove()
-            self.dit_streamer = None
-
-    # ---- text encoder --------------------------------------------------------------------------
-    def place_text_encoder(self, te) -> None:
-        plan = self._require_plan()
-        key = (id(te), plan.te_swap)
-        if self._te_key == key:
+        if self._placed.get(name) == key:
             return
-        self._drop_te_streamer()
-        if plan.te_swap:
-            self.te_streamer = stream_text_encoder(
-                te.model, plan.te_swap, self.device, self.offload_device, pin=self.pin, trace=self.trace
-            )
-            te.model.rotary_emb.to(torch.float32)
-            _set_text_encoder_device(te, self.device)
+        self._drop(name)
+        if name == "dit":
+            streamer = stream_dit(component, n, self.device, self.offload_device, pin=self.pin, trace=self.trace)
+        elif name == "text_encoder":
+            streamer = None
+            if n:
+                streamer = stream_text_encoder(
+                    component.model, n, self.device, self.offload_device, pin=self.pin, trace=self.trace
+                )
+                component.model.rotary_emb.to(torch.float32)
+                component.set_compute_device(self.device)
+            else:
+                component.to(self.device)
         else:
-            te.to(self.device)
-        self._te_key = key
+            raise ValueError(f"unknown component '{name}'")
+        if streamer is not None:
+            self.streamers[name] = streamer
+        self._placed[name] = key
 
-    def park_text_encoder(self, te) -> None:
-        self._drop_te_streamer()
-        if te is not None and te.loaded:
-            te.to(self.offload_device)
-        self._te_key = None
+    def park(self, name: str, component) -> None:
+        """Move ``component`` off the device (its streaming, if any, is removed)."""
+        self._drop(name)
+        self._placed.pop(name, None)
+        if component is None or (name == "text_encoder" and not component.loaded):
+            return
+        component.to(self.offload_device)
 
-    def text_encoder_done(self) -> None:
-        if self.te_streamer is not None:
-            self.te_streamer.flush()
+    def finish(self, name: str) -> None:
+        """End of a stage: drop the component's pending prefetches (it stays placed)."""
+        streamer = self.streamers.get(name)
+        if streamer is not None:
+            streamer.flush()
 
-    def _drop_te_streamer(self) -> None:
-        if self.te_streamer is not None:
-            self.te_streamer.remove()
-            self.te_streamer = None
+    def forget(self, name: str) -> None:
+        """The component was released or replaced: drop what was installed on it."""
+        self._drop(name)
+        self._placed.pop(name, None)
 
-    # ---- forgetting a released component ---------------------------------------------------------
-    def forget(self, component: str) -> None:
-        if component == "dit":
-            self._drop_dit_streamer()
-            self._dit_key = None
-        elif component == "text_encoder":
-            self._drop_te_streamer()
-            self._te_key = None
+    def _drop(self, name: str) -> None:
+        streamer = self.streamers.pop(name, None)
+        if streamer is not None:
+            streamer.remove()
+
+    # ---- a host that moves the resident part itself (ComfyUI) ------------------------------------
+    def stream(self, name: str, component, label: str = "DiT"):
+        """Install the plan's streaming on ``component`` without moving its resident part; returns
+        :func:`~zimage_core.memory.streaming.resident_parts` (what the host moves), or None when nothing streams."""
+        if name != "dit":
+            raise ValueError(f"only the DiT streams under a host's placement, not the {name}")
+        n = self.streamed_blocks(name)
+        self._drop(name)
+        if n <= 0:
+            return None
+        blocks = dit_stream_blocks(component, n)
+        self.streamers[name] = BlockStreamer(
+            blocks, self.device, self.offload_device, pin=self.pin, trace=self.trace, name=label, owner=component
+        )
+        self._placed[name] = (id(component), n)
+        return resident_parts(component, blocks)
+
+    def move(self, name: str, component, device: torch.device | str) -> None:
+        """Move what is not streamed to ``device`` (everything, when nothing streams)."""
+        streamer = self.streamers.get(name)
+        if streamer is None:
+            component.to(device)
+            return
+        streamer.flush()
+        move_resident(component, streamer.blocks, device)
+
+    def staging_bytes(self, name: str) -> int:
+        """Device bytes the component's streaming adds while it runs (the staged blocks)."""
+        streamer = self.streamers.get(name)
+        return 0 if streamer is None else streamer.staging_bytes()
 
 
 def _decision(plan: MemoryPlan) -> tuple:
@@ -368,28 +368,7 @@ def _decision(plan: MemoryPlan) -> tuple:
     )
 
 
-def _set_text_encoder_device(te, device: torch.device) -> None:
-    """A streamed text encoder computes on ``device`` although some of its layers live elsewhere."""
-    te._device = torch.device(device)
-    for key, (emb, n, cut) in list(te._cache.items()):
-        te._cache[key] = (emb.to(device), n, cut)
-
-
 def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def check_quant(fn, quant: str | None, what: str) -> dict:
-    """``{'quant': quant}`` for a loader that accepts it; a clear error when quantization is unavailable."""
-    import inspect
-
-    if quant in (None, "none"):
-        return {}
-    if "quant" not in inspect.signature(fn).parameters:
-        raise ZImageError(
-            f"quantization '{quant}' for the {what} needs zimage_core.quant, which this installation "
-            "does not have; update the package or use --quant none."
-        )
-    return {"quant": quant}

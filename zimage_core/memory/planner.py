@@ -45,6 +45,20 @@ class MemoryMode:
     def __str__(self) -> str:
         return f"{self.kind}:{self.blocks}" if self.kind == "block-swap" else self.kind
 
+    @classmethod
+    def of(cls, kind: str, blocks: int | None = None) -> MemoryMode:
+        """A validated mode from its parts (``blocks`` only for block-swap); bad ones raise :class:`ZImageError`."""
+        if kind not in MEMORY_MODES:
+            raise ZImageError(f"unknown memory mode '{kind}'; {MODE_HELP}.")
+        if kind != "block-swap":
+            return cls(kind)
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+            raise ZImageError(
+                "block-swap needs a whole number of blocks to stream, at least 1 (block-swap:0 is the same as "
+                f"full); got {blocks!r}."
+            )
+        return cls("block-swap", blocks)
+
 
 def parse_memory_mode(text: str | MemoryMode | None) -> MemoryMode:
     """``'block-swap:8'`` -> ``MemoryMode('block-swap', 8)``; a bad string raises :class:`ZImageError`."""
@@ -146,6 +160,24 @@ class MemoryPlan:
     vae_tile: int | str | None = "auto"
     reason: str = ""
     fits: bool = True
+
+    def evicts(self, stage: str) -> tuple[str, ...]:
+        """Components to move off the device before ``stage`` (a component name) runs.
+
+        Outside ``full`` only one big component is on the device at a time: the text encoder leaves before the
+        DiT runs (when the plan offloads it), the DiT before decoding (when the VAE does not fit beside it).
+        """
+        one_at_a_time = self.mode != "full"
+        rules = {
+            "text_encoder": (("dit", one_at_a_time), ("vae", one_at_a_time)),
+            "dit": (("text_encoder", self.offload_text_encoder), ("vae", one_at_a_time)),
+            "vae": (("dit", self.offload_dit), ("text_encoder", one_at_a_time)),
+        }
+        return tuple(name for name, leaves in rules[stage] if leaves)
+
+    def parks_after(self, stage: str) -> bool:
+        """Whether ``stage``'s component leaves the device once its stage is over."""
+        return {"text_encoder": self.offload_text_encoder, "dit": False, "vae": self.mode != "full"}[stage]
 
     @property
     def label(self) -> str:

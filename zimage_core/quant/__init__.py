@@ -23,7 +23,7 @@ from .linear import (
     quantize_linear,
     share_workspace,
 )
-from .load import DIT_POLICY, QUANT_MODES, TEXT_ENCODER_POLICY, check_mode
+from .modes import DIT_POLICY, QUANT_MODES, TEXT_ENCODER_POLICY, check_mode
 
 __all__ = [
     "DIT_POLICY",

@@ -16,39 +16,31 @@ import functools
 import logging
 import re
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ZImageError
+from ..dit_layout import (
+    DROPPED_KEYS,
+    QKV_FUSED,
+    QKV_SPLIT,
+    DiTCheckpoint,
+    describe_wrong_file,
+    diffusers_to_native_key,
+    infer_config,
+    strip_prefix,
+)
+from ..errors import CheckpointError
+from ..weights import FileProbe, TensorInfo
 from . import comfy
 from .linear import quantize_linear, share_workspace
+from .modes import DIT_POLICY, DIT_STORED_POLICY, TEXT_ENCODER_POLICY
 
 log = logging.getLogger(__name__)
 
-QUANT_MODES = ("none", "int8", "nf4", "fp8")
-DIT_POLICY = re.compile(
-    r"(noise_refiner|context_refiner|siglip_refiner|layers)\.\d+\."
-    r"(attention\.(qkv|out)|feed_forward\.w[123])"
-)
-TEXT_ENCODER_POLICY = re.compile(r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)")
-# Linears that stay quantized when a file stores them so (the block matrices and the per-block modulation);
-# the file's other quantized layers (embedders, final layer) are small and are dequantized at load.
-DIT_STORED_POLICY = re.compile(DIT_POLICY.pattern[:-1] + r"|adaLN_modulation\.0)")
-
 Getters = dict[str, Callable[[], torch.Tensor]]
-
-
-def check_mode(quant: str | None) -> str:
-    mode = "none" if quant in (None, "", "off") else str(quant).lower()
-    if mode not in QUANT_MODES:
-        raise ZImageError(
-            f"unknown quantization '{quant}'; use one of {', '.join(QUANT_MODES)} "
-            "(GGUF and pre-quantized files are recognised without it)."
-        )
-    return mode
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -135,8 +127,6 @@ def quantize_linears(
 # ---------------------------------------------------------------------------------------------
 def prepare_dit(model: nn.Module, ckpt, getters: Getters, dtype: torch.dtype, device, mode: str) -> None:
     """Install pre-quantized and quantize-on-load linears into a meta ``ZImageDiT`` (safetensors files)."""
-    from ..checkpoints import QKV_FUSED, QKV_SPLIT, _strip_prefix, diffusers_to_native_key
-
     src = ckpt.source
     found = comfy.scan(src, f"diffusion model '{ckpt.path}'")
     if found:
@@ -144,9 +134,9 @@ def prepare_dit(model: nn.Module, ckpt, getters: Getters, dtype: torch.dtype, de
         for key in src:
             if key.endswith(QKV_SPLIT[0]):
                 base = key[: -len(QKV_SPLIT[0])]
-                native = diffusers_to_native_key(_strip_prefix(base + QKV_SPLIT[0]))
+                native = diffusers_to_native_key(strip_prefix(base + QKV_SPLIT[0]))
                 fuse[native[: -len(QKV_SPLIT[0])] + QKV_FUSED[: -len(".weight")]] = [base + s for s in QKV_SPLIT]
-        plan = comfy.plan_linears(src, found, lambda k: diffusers_to_native_key(_strip_prefix(k)), fuse)
+        plan = comfy.plan_linears(src, found, lambda k: diffusers_to_native_key(strip_prefix(k)), fuse)
         n = install_prequantized(model, plan, src, getters, dtype, device, DIT_STORED_POLICY)
         log.info("diffusion model: %d linears stored quantized in the file (%s)", n, comfy.describe(src))
         if mode != "none":
@@ -179,19 +169,10 @@ def _malloc_trim():
 
 def _gguf_dit_parts(src, path) -> tuple[dict[str, list[str]], str]:
     """``{native key: stored keys}`` (3 stored keys for split q/k/v) and the key layout of a GGUF DiT."""
-    from ..checkpoints import (
-        DROPPED_KEYS,
-        QKV_FUSED,
-        QKV_SPLIT,
-        _strip_prefix,
-        describe_wrong_file,
-        diffusers_to_native_key,
-    )
-
     parts: dict[str, list[str]] = {}
     layout = "comfyui"
     for key in src:
-        k = diffusers_to_native_key(_strip_prefix(key))
+        k = diffusers_to_native_key(strip_prefix(key))
         if k in DROPPED_KEYS or k.endswith((QKV_SPLIT[1], QKV_SPLIT[2])):
             continue
         if k.endswith(QKV_SPLIT[0]):
@@ -210,8 +191,6 @@ def _gguf_dit_parts(src, path) -> tuple[dict[str, list[str]], str]:
 
 
 def _gguf_config(src, parts):
-    from ..checkpoints import infer_config
-
     shapes = {k: (sum(src.tensors[s].shape[0] for s in v), *src.tensors[v[0]].shape[1:]) for k, v in parts.items()}
     return infer_config(shapes)
 
@@ -271,28 +250,15 @@ def load_gguf_dit(path, dtype: torch.dtype, device, mode: str = "none"):
     return model
 
 
-def gguf_dit_header(path) -> tuple:
-    """``(DiTConfig, {native key: getter})`` of a GGUF DiT from its header; a getter reads one stored tensor as
-    float32 (fused q/k/v entries are left out). A file that is not a Z-Image DiT raises here."""
-    from functools import partial
-
-    from .gguf import GGUFSource
-
-    src = GGUFSource(path, "diffusion model")
-    parts, _ = _gguf_dit_parts(src, path)
-    getters = {k: partial(src.read, v[0], torch.float32) for k, v in parts.items() if len(v) == 1}
-    return _gguf_config(src, parts), getters
-
-
-def gguf_dit_sizes(path, dtype: torch.dtype) -> tuple:
-    """``(DiTConfig, {native tensor name: bytes once loaded})`` of a GGUF DiT, from its header only (for memory
-    planning): block matrices keep their quantized size, everything else is counted in ``dtype``."""
+def probe_gguf_dit(path) -> FileProbe:
+    """A GGUF DiT's header as :func:`zimage_core.checkpoints.probe_dit` gives it: block matrices the loader keeps
+    packed count their stored bytes; everything else is converted to the compute dtype (``--quant`` does not
+    apply to GGUF files). Getters read single (unfused) tensors as float32."""
     from .gguf import GGUFSource, has_kernel
 
     src = GGUFSource(path, "diffusion model")
-    parts, _ = _gguf_dit_parts(src, path)
-    elt = torch.empty((), dtype=dtype).element_size()
-    sizes = {}
+    parts, layout = _gguf_dit_parts(src, path)
+    tensors = {}
     for k, stored in parts.items():
         ts = [src.tensors[s] for s in stored]
         kept = (
@@ -302,15 +268,16 @@ def gguf_dit_sizes(path, dtype: torch.dtype) -> tuple:
             and ts[0].quantized
             and has_kernel(ts[0].qtype)
         )
-        sizes[k] = sum(t.nbytes for t in ts) if kept else sum(int(np.prod(t.shape)) for t in ts) * elt
-    return _gguf_config(src, parts), sizes
+        shape = (sum(int(t.shape[0]) for t in ts), *(int(d) for d in ts[0].shape[1:]))
+        tensors[k] = TensorInfo(shape, sum(t.nbytes for t in ts) if kept else None, quantizable=False)
+    getters = {k: partial(src.read, v[0], torch.float32) for k, v in parts.items() if len(v) == 1}
+    return FileProbe(Path(path), _gguf_config(src, parts), tensors, f"gguf ({layout} keys)", getters)
 
 
 def dit_file_info(path) -> dict:
     """What ``zimage info`` prints for a DiT file: layout, inferred config and quantization."""
     import dataclasses
 
-    from ..checkpoints import DiTCheckpoint
     from .gguf import GGUFSource, is_gguf, summary
 
     if is_gguf(path):

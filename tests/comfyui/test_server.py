@@ -1,7 +1,16 @@
 """The pack inside a real ComfyUI server (CPU): node list, every workflow, caching, errors, Cancel, Unload.
 
-Runs only when ``COMFYUI_PATH`` points at a ComfyUI checkout (with its requirements installed). The server is
-started on 127.0.0.1 at a free port with ``--cpu``, the pack linked into a temporary custom_nodes folder
+Runs only when ``COMFYUI_PATH`` points at a ComfyUI checkout. ComfyUI needs torchvision, which does not import
+beside the CPU torch 2.13.0 the suite runs on, so the server may run in its own venv (``COMFYUI_PYTHON``, default
+this interpreter) while pytest stays here; the pack is then imported inside that venv. Tested with ComfyUI 0.14.1 (commit 83dd65f2)::
+
+    python -m venv /work/venv-comfy
+    /work/venv-comfy/bin/pip install torch==2.14.1 torchvision==0.29.1
+    grep -vxE 'torch|torchvision|torchaudio' /work/comfyui/requirements.txt > /tmp/comfy-req.txt
+    /work/venv-comfy/bin/pip install -r /tmp/comfy-req.txt -r requirements.txt "torch==2.14.1"
+    COMFYUI_PATH=/work/comfyui COMFYUI_PYTHON=/work/venv-comfy/bin/python python -m pytest tests/comfyui
+
+The server is started on 127.0.0.1 at a free port with ``--cpu``, the pack linked into a temporary custom_nodes folder
 (``--disable-all-custom-nodes --whitelist-custom-nodes``), and tiny models in temporary model folders given by
 ``--extra-model-paths-config``. The tokenizer is ComfyUI's bundled one, as for real users. Core's VAELoader only
 reads a full-size Flux VAE, so ``ae.safetensors`` here has the real architecture with random weights.
@@ -24,6 +33,7 @@ import pytest
 from PIL import Image
 
 COMFYUI = os.environ.get("COMFYUI_PATH")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON") or sys.executable  # the interpreter that runs the server
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 W, H = 64, 48
@@ -129,7 +139,7 @@ def server(tmp_path_factory):
     port = free_port()
     log = tmp / "comfyui.log"
     cmd = [
-        sys.executable,
+        COMFYUI_PYTHON,
         "main.py",
         "--cpu",
         "--listen",
@@ -152,7 +162,7 @@ def server(tmp_path_factory):
         "--preview-method",
         "auto",
         "--database-url",
-        "sqlite:///:memory:",
+        f"sqlite:///{tmp / 'comfyui.db'}",  # in-memory gives each connection an empty database
         "--disable-auto-launch",
     ]
     with open(log, "wb") as out:

@@ -14,13 +14,13 @@ from zimage_pack import nodes
 from zimage_pack.nodes import conditioning, handles, host, loaders, paths, sampler
 from zimage_pack.zimage_core.errors import ZImageError
 
+from tests.factories import TOKENIZER_FIXTURE
 from tests.factories import comfy as C
-from tests.factories.pipeline import FIXTURE_TOKENIZER, build_tiny_model
+from tests.factories.pipeline import build_tiny_model
 from zimage_core.pipeline import GenerateOptions, ZImagePipeline
 from zimage_core.sampling import initial_noise, latent_shape
 from zimage_core.vae import to_raw_space
 
-pytestmark = pytest.mark.skipif(not FIXTURE_TOKENIZER.exists(), reason="../shared/fixtures/qwen25_tokenizer is absent")
 ROOT = Path(__file__).resolve().parents[1]
 
 # Node ids and widget order are public API: saved workflows store widget values by position.
@@ -214,7 +214,7 @@ def test_text_encoder_finds_comfyui_tokenizer(env, tmp_path, monkeypatch):
         loaders.ZImageTextEncoderLoader().load("qwen_3_4b.safetensors")
     # Inside ComfyUI: its bundled comfy/text_encoders/qwen25_tokenizer is the last resort.
     comfy_root = tmp_path / "ComfyUI" / "comfy"
-    shutil.copytree(FIXTURE_TOKENIZER, comfy_root / "text_encoders" / "qwen25_tokenizer")
+    shutil.copytree(TOKENIZER_FIXTURE, comfy_root / "text_encoders" / "qwen25_tokenizer")
     utils = types.ModuleType("comfy.utils")
     utils.__file__ = str(comfy_root / "utils.py")
     monkeypatch.setitem(sys.modules, "comfy.utils", utils)

@@ -1,7 +1,6 @@
 """The S3-DiT: Z-Image's single-stream diffusion transformer (Turbo, Base and the Omni/edit branch).
 
-Forward semantics follow the reference exactly (see ../shared/reference/zimage-architecture.md
-sections 1 and 9): the model receives ``t = 1 - sigma``; captions and images are padded to a
+Forward semantics follow the reference exactly (``docs/model.md``, section 1): the model receives ``t = 1 - sigma``; captions and images are padded to a
 multiple of 32 with *learned, unmasked* pad tokens inserted after the embedders; positions are
 3-axis integer ids; the raw output is ``x0 - noise`` (the sampler negates it).
 

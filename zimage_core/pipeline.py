@@ -1,6 +1,6 @@
 """Text-to-image (and img2img / inpainting) with the Z-Image family, matching diffusers' ZImagePipeline.
 
-Conventions (../shared/reference/zimage-architecture.md section 5):
+Conventions (``docs/model.md``, section 4):
 - initial noise ``randn((B, 16, H/8, W/8))`` from a CPU generator seeded with ``seed``, in float32;
 - latents stay float32, the DiT input is cast to the DiT dtype, the DiT sees ``t = 1 - sigma``;
 - the raw DiT output is negated into the velocity the samplers step with;

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import version
 from .errors import ZImageError
 
 log = logging.getLogger("zimage")
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _Parser(prog="zimage", description="Z-Image (S3-DiT) inference and checkpoint tools.")
     p.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and chosen")
+    p.add_argument("--version", action="version", version=f"zimage {version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", help="text to image (also img2img / inpainting)")

@@ -110,6 +110,12 @@ class ZImageDiT(nn.Module):
     def device(self) -> torch.device:
         return self.x_embedder.weight.device
 
+    @property
+    def residual_dtype(self) -> torch.dtype:
+        """The dtype of the token stream between blocks: float32 for float16 weights (it can exceed float16's
+        range on some checkpoints; the blocks keep every matmul in float16, see :mod:`zimage_core.layers`)."""
+        return torch.float32 if self.dtype == torch.float16 else self.dtype
+
     def _run(self, block: TransformerBlock, x, rope, mask, mod=None):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, x, rope, mask, mod, use_reentrant=False)
@@ -125,7 +131,7 @@ class ZImageDiT(nn.Module):
         n_pad = total - emb.shape[0]
         if n_pad:
             emb = torch.cat([emb, pad_token.to(emb.dtype).expand(n_pad, -1)], dim=0)
-        return emb
+        return emb.to(self.residual_dtype)
 
     # ---- text-to-image -----------------------------------------------------------------------
     def prepare_captions(self, cap_feats: list[torch.Tensor]) -> PreparedCaptions:
@@ -189,7 +195,7 @@ class ZImageDiT(nn.Module):
         if b != len(plan.captions.tokens):
             raise ValueError(f"{b} latents but {len(plan.captions.tokens)} captions; give one caption per latent")
         adaln = self.embed_time(t.to(self.device))
-        h = self.x_embedder(patchify(x.to(self.dtype), cfg.patch_size))
+        h = self.x_embedder(patchify(x.to(self.dtype), cfg.patch_size)).to(self.residual_dtype)
         if plan.n_img_pad > plan.n_img:
             h = torch.cat([h, self.x_pad_token.to(h.dtype).expand(b, plan.n_img_pad - plan.n_img, -1)], dim=1)
         for block in self.noise_refiner:
@@ -261,7 +267,7 @@ class ZImageDiT(nn.Module):
         img_tok, img_pos, img_nm, img_lens = [], [], [], []
         for j, img in enumerate(imgs):
             c, h, w = img.shape
-            toks = self.x_embedder(patchify(img[None].to(self.dtype), p)[0])
+            toks = self.x_embedder(patchify(img[None].to(self.dtype), p)[0]).to(self.residual_dtype)
             n = toks.shape[0]
             npad = n + _pad_len(n, cfg.seq_multiple)
             if npad > n:
@@ -280,7 +286,7 @@ class ZImageDiT(nn.Module):
                 feat = sigs[j] if j < len(sigs) else None
                 if feat is None:
                     n, npad = 0, cfg.seq_multiple
-                    toks = self.siglip_pad_token.to(self.dtype).expand(npad, -1)
+                    toks = self.siglip_pad_token.to(self.residual_dtype).expand(npad, -1)
                     pos = torch.zeros(npad, 3, dtype=torch.int64, device=dev)
                 else:
                     sh, sw, sc = feat.shape

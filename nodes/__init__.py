@@ -5,6 +5,7 @@ Never rename, reorder or insert inputs; add a new node (``...V2``) instead.
 """
 
 from .conditioning import ZImageTextEncode
+from .core_model import ZImageToCoreModel
 from .edit import ZImageEditConditioning, ZImageVisionLoader
 from .enhancer import ZImagePromptEnhancer
 from .loaders import ZImageLoraLoader, ZImageModelLoader, ZImageTextEncoderLoader
@@ -19,6 +20,7 @@ NODE_CLASS_MAPPINGS = {
     "ZImageVisionLoader": ZImageVisionLoader,
     "ZImageEditConditioning": ZImageEditConditioning,
     "ZImagePromptEnhancer": ZImagePromptEnhancer,
+    "ZImageToCoreModel": ZImageToCoreModel,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -30,6 +32,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageVisionLoader": "Z-Image Vision Loader (SigLIP2)",
     "ZImageEditConditioning": "Z-Image Edit Conditioning",
     "ZImagePromptEnhancer": "Z-Image Prompt Enhancer",
+    "ZImageToCoreModel": "Z-Image Model → MODEL",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -21,7 +21,7 @@ import torch
 from ..zimage_core.lora import apply_loras, load_lora
 from ..zimage_core.lora_formats import check_lora, target_table
 from ..zimage_core.memory import MemoryMode, Residency
-from . import host
+from . import bridge, host
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +63,19 @@ class DiTSlot:
         parts = residency.stream("dit", dit, label=f"Z-Image {name}")
         if parts is not None:
             self.memory_required = residency.staging_bytes("dit") + int(activation)
+        self._applied: tuple[LoraSpec, ...] = ()
+        self._restore: list[Callable[[], None]] = []
+        # Inside a ComfyUI with native Z-Image the DiT is registered once, as native Z-Image (a Lumina2 model):
+        # the Z-Image sampler and every bridged core MODEL (nodes/bridge.py) share that registration.
+        self.bridge = bridge.register(self, load_device, offload_device)
+        if self.bridge is not None:
+            self.patcher = self.bridge.patcher
+        elif parts is not None:
             self.patcher = host.register(
                 dit, load_device, offload_device, parts=parts, on_move=lambda: residency.finish("dit")
             )
         else:
             self.patcher = host.register(dit, load_device, offload_device)
-        self._applied: tuple[LoraSpec, ...] = ()
-        self._restore: list[Callable[[], None]] = []
 
     @property
     def config(self):
@@ -87,11 +93,20 @@ class DiTSlot:
         """Place the DiT on its compute device with exactly ``loras`` merged; returns the DiT."""
         self.residency.finish("dit")  # a prefetch left from an earlier run is dropped
         host.load(self.patcher, self.dit, self.load_device, mover=self._move, memory_required=self.memory_required)
-        if len(loras) != len(self._applied) or any(a is not b for a, b in zip(loras, self._applied)):
+        self.apply(loras)
+        return self.dit
+
+    def has_loras(self, loras: tuple[LoraSpec, ...]) -> bool:
+        """Whether exactly ``loras`` (the same objects, in order) are applied by the engine now."""
+        return len(loras) == len(self._applied) and all(a is b for a, b in zip(loras, self._applied))
+
+    def apply(self, loras: tuple[LoraSpec, ...]) -> None:
+        """Bring the weights to exactly ``loras`` applied by the engine (merged; runtime side paths on quantized
+        layers), wherever the DiT is now."""
+        if not self.has_loras(loras):
             self.unpatch()
             if loras:
                 self._patch(loras)
-        return self.dit
 
     def unpatch(self) -> None:
         """Put the original weights back (no-op when no LoRA is merged)."""

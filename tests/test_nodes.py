@@ -64,6 +64,7 @@ PUBLIC_API = {
         "llm",
         "system_prompt",
     ],
+    "ZImageToCoreModel": ["model"],
 }
 
 

@@ -389,7 +389,9 @@ def register(slot, load_device: torch.device, offload_device: torch.device) -> B
         model.diffusion_model = NativeDiT(dit, blocks, on_move=lambda: residency.finish("dit"))
         streamed = _streamed_keys(dit, blocks)
         size = sum(t.nbytes for k, t in model.state_dict().items() if k not in streamed)
-        patcher = _patcher_class(mp.ModelPatcher)(model, load_device=load_device, offload_device=offload_device, size=size)
+        patcher = _patcher_class(mp.ModelPatcher)(
+            model, load_device=load_device, offload_device=offload_device, size=size
+        )
     except Exception as e:  # noqa: BLE001 - internal API of ComfyUI: fall back, never fatal
         host.warn_once(
             "bridge",

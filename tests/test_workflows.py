@@ -32,6 +32,9 @@ REQUIRED = {
     "zimage_edit.json",
     "zimage_prompt_enhanced.json",
 }
+# Workflows that need ComfyUI itself (a bridged core MODEL sampled by core KSampler): converted and checked here, run
+# in a real ComfyUI by tests/comfyui/test_server.py (every workflow) and tests/comfyui/test_core_model.py.
+COMFYUI_ONLY = {"zimage_core_ksampler.json"}
 ENHANCER_TOKENS = 12  # the tiny random LLM's rewrite is noise; a few tokens prove the wiring
 
 
@@ -98,6 +101,25 @@ def lora_available() -> bool:
 # ---------------------------------------------------------------------------------------------- files
 def test_required_workflows_exist():
     assert REQUIRED <= {f.name for f in FILES}
+    assert {f.name for f in FILES} == REQUIRED | COMFYUI_ONLY  # every shipped workflow runs somewhere
+
+
+def test_core_ksampler_workflow_wires_the_bridge():
+    prompt = api("zimage_core_ksampler.json")
+    (ks,) = by_class(prompt, "KSampler")
+    conv = prompt[ks]["inputs"]["model"][0]
+    assert prompt[conv]["class_type"] == "ZImageToCoreModel"
+    assert prompt[prompt[conv]["inputs"]["model"][0]]["class_type"] == "ZImageModelLoader"
+    s = prompt[ks]["inputs"]
+    assert (s["seed"], s["steps"], s["cfg"], s["sampler_name"], s["scheduler"], s["denoise"]) == (
+        42,
+        8,
+        1.0,
+        "euler",
+        "simple",
+        1.0,
+    )
+    assert {prompt[s[k][0]]["class_type"] for k in ("positive", "negative")} == {"ZImageTextEncode"}
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)

@@ -239,9 +239,38 @@ class SaveImage:
         return {"ui": {"images": results}}
 
 
+class KSampler:
+    """Core KSampler's inputs (names, order, widgets), for converting UI workflows. Sampling a bridged MODEL needs
+    ComfyUI's own model machinery (``Z-Image Model -> MODEL`` refuses to work without it), so workflows that use
+    it are not run headless: they run in a real ComfyUI (tests/comfyui/test_server.py, test_core_model.py)."""
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+                "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+                "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+                "sampler_name": (["euler", "euler_ancestral", "heun", "dpmpp_2m", "res_multistep"],),
+                "scheduler": (["simple", "normal", "karras", "exponential", "sgm_uniform", "beta"],),
+                "positive": ("CONDITIONING",),
+                "negative": ("CONDITIONING",),
+                "latent_image": ("LATENT",),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            }
+        }
+
+    def sample(self, **kwargs):
+        raise PromptError("core KSampler needs a real ComfyUI; this workflow runs in tests/comfyui, not headless.")
+
+
 CORE_NODES = {
     c.__name__: c
-    for c in (EmptySD3LatentImage, VAELoader, VAEDecode, VAEEncode, SetLatentNoiseMask, LoadImage, SaveImage)
+    for c in (EmptySD3LatentImage, VAELoader, VAEDecode, VAEEncode, SetLatentNoiseMask, LoadImage, SaveImage, KSampler)
 }
 
 

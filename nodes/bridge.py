@@ -291,6 +291,17 @@ class Bridge:
                 "runtime side paths), or load the model with quant 'none'."
             )
 
+    def check_unstreamed(self, patches) -> None:
+        """Scheduled weight hooks (core "Create Hook LoRA" nodes) swap weights per step by replacing them, which
+        streamed blocks cannot follow: one message instead of a model that silently ignores them."""
+        keys = sorted({k if isinstance(k, str) else k[0] for k in patches} & self.streamed_keys)
+        if keys:
+            raise ZImageError(
+                f"scheduled weight hooks (Create Hook LoRA / Set Model Hooks) cannot patch the {len(keys)} weights of "
+                f"blocks that stream from host memory (e.g. {keys[0]}). Load the model with memory_mode full or "
+                "auto (or connect the LoRA with a LoRA loader instead of a hook)."
+            )
+
     def before_load(self, patcher) -> None:
         """Before ComfyUI loads ``patcher``: a bridged MODEL gets the engine state it wants (none, or a quantized
         view's LoRAs), after ComfyUI's patches of another clone came off. The base is left alone: the Z-Image
@@ -333,6 +344,11 @@ def _patcher_class(base: type) -> type:
         def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
             self.zimage_bridge.check_patchable(patches)
             return super().add_patches(patches, strength_patch, strength_model)
+
+        def add_hook_patches(self, hook, patches, strength_patch=1.0, strength_model=1.0):
+            self.zimage_bridge.check_patchable(patches)
+            self.zimage_bridge.check_unstreamed(patches)
+            return super().add_hook_patches(hook, patches, strength_patch, strength_model)
 
         def add_weight_wrapper(self, name, function):
             raise ZImageError(

@@ -186,3 +186,66 @@ def test_unet_config_carries_what_comfyui_reads(full):
     assert u["image_model"] == "lumina2" and u["disable_unet_model_creation"] is True
     # comfy.utils.z_image_to_diffusers (the LoRA key map) reads these three
     assert (u["dim"], u["n_layers"], u["n_refiner_layers"]) == (cfg.dim, cfg.n_layers, cfg.n_refiner_layers)
+
+
+# ---------------------------------------------------------------------------------------------- the rules clones follow
+def test_weight_patches_that_would_corrupt_quantized_or_streamed_weights_are_refused(models, swapped):
+    q = loaders.ZImageModelLoader().load(NAME, quant="int8")[0]
+    rules = bridge.Bridge(q.slot, None, set())
+    assert rules.quantized
+    rules.check_patchable({"diffusion_model.layers.0.attention.q_norm.weight": ("diff", ())})  # full precision: fine
+    with pytest.raises(
+        ZImageError, match=r"quantized \(int8\).*layers\.0\.attention\.qkv\.weight.*Z-Image LoRA Loader"
+    ):
+        rules.check_patchable({("diffusion_model.layers.0.attention.qkv.weight", (0, 0, 64)): ("lora", ())})
+    blocks = swapped.slot.streamer.blocks
+    streamed = bridge._streamed_keys(swapped.slot.dit, blocks)
+    assert streamed and all(k.startswith(bridge.PREFIX) for k in streamed)
+    rules = bridge.Bridge(swapped.slot, None, streamed)
+    assert not rules.quantized
+    rules.check_patchable({k: ("diff", ()) for k in streamed})  # LoRA loaders may patch them (in place, later)
+    with pytest.raises(ZImageError, match="scheduled weight hooks.*stream from host memory"):
+        rules.check_unstreamed({sorted(streamed)[0]: ("diff", ())})
+
+
+def test_a_clone_takes_comfyuis_other_patches_off_before_the_engine_changes_its_loras(full):
+    from types import SimpleNamespace
+
+    slot = full.slot
+    events = []
+
+    class FakeSlot:
+        residency = SimpleNamespace(finish=lambda name: events.append("finish"))
+        dit = slot.dit
+        applied = ("X",)
+
+        def has_loras(self, loras):
+            return loras == self.applied
+
+        def apply(self, loras):
+            events.append(("engine", loras))
+            self.applied = loras
+
+    rules = bridge.Bridge(FakeSlot(), None, set())
+    model = SimpleNamespace(current_weight_patches_uuid="other")
+
+    def clone(engine_loras, uuid="mine"):
+        return SimpleNamespace(
+            engine_loras=engine_loras,
+            patches_uuid=uuid,
+            model=model,
+            unpatch_model=lambda device, unpatch_weights: events.append(("comfy unpatch", device, unpatch_weights)),
+        )
+
+    rules.before_load(clone(None))  # the base: the Z-Image sampler sets the engine's LoRAs after loading
+    assert events == ["finish"]
+    events.clear()
+    rules.before_load(clone(()))  # a bridged MODEL: ComfyUI's patches of another clone off, then the engine's
+    assert events == ["finish", ("comfy unpatch", None, True), ("engine", ())]
+    events.clear()
+    model.current_weight_patches_uuid = "mine"
+    rules.before_load(clone(("Y",)))  # a quantized view's LoRAs: the engine's, nothing of ComfyUI's to take off
+    assert events == ["finish", ("engine", ("Y",))]
+    events.clear()
+    rules.before_load(clone(("Y",)))  # already in that state: nothing moves
+    assert events == ["finish"]

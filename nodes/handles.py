@@ -5,7 +5,9 @@ to apply on top. ``ZImageLoraLoader`` returns a new view over the same slot, so 
 branching a graph never copies or mutates the base weights seen by other views. The slot brings its
 weights into the state a view asks for just before sampling, the way ComfyUI's ModelPatcher applies
 LoRA patches at load: merged in place, with the original tensors kept on the offload device and put
-back when a view with other LoRAs (or none) samples next.
+back when a view with other LoRAs (or none) samples next. A view turned into a core ``MODEL``
+(``nodes/bridge.py``) hands its LoRAs to ComfyUI as weight patches instead; the slot's own merges come off
+before ComfyUI loads such a clone.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class DiTSlot:
     ``residency`` is the engine's placement for the DiT, planned by the loader. When its plan streams blocks
     (block-swap / sequential) they live in pinned host memory and only the resident part is registered with
     ComfyUI, so ComfyUI counts and moves just that, and asks for room for the two staged blocks on top when it
-    loads the model.
+    loads the model. Inside a ComfyUI with native Z-Image that registration is ``bridge`` (a ``Lumina2`` model,
+    shared by the Z-Image sampler and every bridged core ``MODEL``); elsewhere a plain holder (or none).
     """
 
     def __init__(

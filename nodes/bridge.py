@@ -81,7 +81,9 @@ class _Mirror(nn.Module):
             else:
                 self._modules[name] = child
         if d["_streamed"]:
-            self.register_state_dict_post_hook(_list_streamed)
+            # public since torch 2.5; the private registration (same hook signature) before that
+            register = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
+            register(_list_streamed)
 
     def __getattr__(self, name: str):
         try:

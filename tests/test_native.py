@@ -16,7 +16,7 @@ from zimage_core.edit import OmniCondition, OmniDenoiser
 from zimage_core.errors import ZImageError
 from zimage_core.native import native_forward
 from zimage_core.sampling import cfg_combine, sample
-from zimage_core.schedules import flow_sigmas
+from zimage_core.schedules import flow_sigmas, model_t
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,9 @@ def test_velocity_is_the_negated_native_output_at_every_sigma(dit):
     fn = Denoiser(dit, caps, None, (6, 8), sigmas=sig)
     for i in range(len(sig) - 1):
         sigma = sig[i].expand(2)  # what the engine's samplers pass, and what ComfyUI's model_sampling.timestep gives
-        assert torch.equal(fn(x, sigma), native_forward(dit, x, sigma, torch.stack(caps)).float())
+        out = native_forward(dit, x, sigma, torch.stack(caps))
+        assert torch.equal(fn(x, sigma), out.float())  # the engine's velocity is the native output ...
+        assert torch.equal(-out, dit.forward(x, model_t(sigma), caps))  # ... which is the DiT's raw output negated
     # a host's Euler step on denoised = x - sigma * output is the engine's Euler step
     s0, s1 = sig[2], sig[3]
     out = native_forward(dit, x, s0.expand(2), torch.stack(caps)).float()

@@ -362,3 +362,31 @@ def test_memory_manager_counts_the_real_size_and_unload_frees_it(server):
         time.sleep(0.5)
     assert left == []
     print({"registered bytes": found, "DiT bytes": total, "streamed bytes": streamed})
+
+
+def test_diffusion_model_wrappers_run_around_the_bridged_forward(server):
+    """EasyCache registers a DIFFUSION_MODEL wrapper (as NextDiT runs it): with a high threshold it skips steps by
+    returning cached outputs instead of calling our forward, which only works if the forward goes through it."""
+    g = Graph()
+    core = g("ZImageToCoreModel", model=[loader(g), 0])
+    cached = g("EasyCache", model=[core, 0], reuse_threshold=3.0, start_percent=0.0, end_percent=1.0, verbose=True)
+    pos = text_encode(g, TEXT)
+    latent = g("EmptySD3LatentImage", width=W, height=H, batch_size=1)
+    ks = g(
+        "KSampler",
+        model=[cached, 0],
+        seed=SEED + 1,
+        steps=8,
+        cfg=1.0,
+        sampler_name="euler",
+        scheduler="simple",
+        positive=[pos, 0],
+        negative=[pos, 0],
+        latent_image=[latent, 0],
+        denoise=1.0,
+    )
+    g.save("x", ks)
+    out = g.latents(server, g.run(server))["x"]
+    assert torch.isfinite(out).all()
+    skipped = [line for line in server.log.read_text().splitlines() if "EasyCache - skipped" in line]
+    assert skipped and not skipped[-1].split("skipped ")[1].startswith("0/"), skipped[-1:]

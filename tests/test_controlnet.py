@@ -384,3 +384,36 @@ def test_load_dtype_and_quantization(base, nets, tmp_path):
         a = dit.denoise(x, t, plan, control=[ControlInput(full, ctx, 1.0)])
         b = dit.denoise(x, t, plan, control=[ControlInput(q, ctx, 1.0)])
     assert rel_err(b - plain, a - plain) < 0.05
+
+
+def test_comfy_fp8_file_stays_fp8(base, tmp_path):
+    """A ControlNet stored as ComfyUI fp8 (weights e4m3 + ``weight_scale``, split q/k/v) keeps fp8 block matrices
+    and equals the same file dequantized."""
+    from zimage_core.quant.linear import FP8Linear
+
+    cfg, _, dit = base
+    tiny = make_controlnet("2.1", cfg, seed=13)
+    fp8, deq = {}, {}
+    for k, v in tiny.state.items():
+        if v.ndim == 2 and k.startswith("control_"):
+            scale = v.abs().max() / 448.0
+            q = (v / scale).to(torch.float8_e4m3fn)
+            fp8[k], fp8[k[: -len(".weight")] + ".weight_scale"] = q, scale.float()
+            deq[k] = q.float() * scale
+        else:
+            fp8[k] = deq[k] = v
+    from zimage_core.weights import save_safetensors
+
+    save_safetensors(fp8, tmp_path / "fp8.safetensors")
+    save_safetensors(deq, tmp_path / "deq.safetensors")
+    q = load_controlnet(tmp_path / "fp8.safetensors", cfg)
+    d = load_controlnet(tmp_path / "deq.safetensors", cfg)
+    assert isinstance(q.control_layers[0].attention.qkv, FP8Linear)
+    assert isinstance(q.control_noise_refiner[1].feed_forward.w2, FP8Linear)
+    assert isinstance(q.control_layers[0].after_proj, torch.nn.Linear)  # small layers are dequantized
+    x, t, caps, ctx = inputs(cfg, 33, seed=14)
+    with torch.no_grad():
+        plan = dit.prepare(caps, *x.shape[-2:])
+        a = dit.denoise(x, t, plan, control=[ControlInput(q, ctx, 0.8)])
+        b = dit.denoise(x, t, plan, control=[ControlInput(d, ctx, 0.8)])
+    assert rel_err(a, b) < 1e-3

@@ -4,7 +4,9 @@ Semantics are VideoX-Fun's ``ZImageControlTransformer2DModel`` (the code the wei
 
 1. The control latents ``[B, C, H, W]`` (C = 16, or 33 = control latent 16 + keep-mask 1 + inpaint latent 16,
    see :meth:`ControlNet.context`) are patchified like the image and embedded by ``control_x_embedder``; pad
-   rows get the *base DiT's* ``x_pad_token``.
+   rows get the *base DiT's* ``x_pad_token``. Control tokens take the image tokens' positions, per sample
+   (VideoX-Fun's 1.0 code numbers a batch's control tokens from the first sample's caption length, which is the
+   same thing for one sample or equal caption lengths; diffusers does it per sample, as here).
 2. Refiner stage (positions/rope of the image tokens, no caption):
    - ``plain`` (1.0): plain blocks refine the control tokens; no refiner hints.
    - ``control`` (2.1, lite, Tile, Base 2.1): control block ``k`` of ``control_noise_refiner`` gives hint ``k``
@@ -59,6 +61,8 @@ from .errors import ZImageError
 from .layers import Modulation, Rope, TransformerBlock
 
 log = logging.getLogger(__name__)
+
+LATENT_CHANNELS = 16  # a 33-channel input is control 16 + keep-mask 1 + inpaint 16
 
 __all__ = [
     "ControlBlock",
@@ -145,7 +149,7 @@ class ControlNet(nn.Module):
         diffusers' ``ZImageControlNetPipeline``; VideoX-Fun and ComfyUI instead feed the latents of a mid-grey
         image there, which a caller with a VAE can pass as ``inpaint``.
         """
-        lat = 16 if self.cfg.in_channels == 16 else (self.cfg.in_channels - 1) // 2
+        lat = LATENT_CHANNELS
         if control.ndim != 4 or control.shape[1] != lat:
             raise ZImageError(f"control latents must be [B, {lat}, H, W], got {tuple(control.shape)}")
         if self.cfg.in_channels == lat:
@@ -179,8 +183,8 @@ class ControlInput:
     strength: float = 1.0
     start: float = 0.0
     end: float = 1.0
-    _cache: dict = field(default_factory=dict, repr=False)
-    _checked: object = field(default=None, repr=False)
+    _cache: dict = field(default_factory=dict, init=False, repr=False)
+    _checked: object = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         c = self.net.cfg.in_channels

@@ -312,6 +312,23 @@ def test_published_layouts_are_detected(base, tmp_path, variant, fused):
     assert c == presets.get(variant, ControlNetConfig.union_2_1)(cfg)
 
 
+@pytest.mark.parametrize("variant", ["1.0", "2.0", "2.1"])
+def test_diffusers_folders_load_like_the_files(base, tmp_path, variant, caplog):
+    from tests.factories.controlnet import save_diffusers_controlnet
+
+    cfg = base[0]
+    tiny = make_controlnet(variant, cfg, seed=32)
+    folder = save_diffusers_controlnet(tiny, tmp_path / "folder")
+    with caplog.at_level(logging.WARNING, logger="zimage_core"):
+        a = load_controlnet(folder, cfg)
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    b = load_controlnet(save_controlnet(tiny, tmp_path / "file.safetensors"), cfg)
+    assert a.cfg == b.cfg and a.cfg.refiner == EXPECTED_REFINER[VARIANTS[variant][2]]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert ["no control noise refiner" in w for w in warned] == ([True] if variant == "2.0" else [])
+
+
 def test_split_fused_and_prefixed_files_load_the_same(base, tmp_path):
     cfg = base[0]
     tiny = make_controlnet("2.1", cfg, seed=31)

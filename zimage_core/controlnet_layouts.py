@@ -2,7 +2,9 @@
 
 Every published file holds only the control branch of VideoX-Fun's ``ZImageControlTransformer2DModel``
 (diffusers-style names, split ``to_q/to_k/to_v``); ComfyUI's converter and re-packs fuse q/k/v and use the
-Lumina names. Both are read here; optional ``model.diffusion_model.`` / ``diffusion_model.`` prefixes are dropped.
+Lumina names. Both are read here; optional ``model.diffusion_model.`` / ``diffusion_model.`` prefixes are dropped. diffusers
+folders (``config.json`` + weights, e.g. hlky/Z-Image-Turbo-Fun-Controlnet-Union*) are read too; diffusers writes
+2.0 without its unused control noise refiner, and its ``control_layers_places`` are used when given.
 
 =========================  ===========  ========  ==========================================  =====================
 file                        control      input     control noise refiner                       ``refiner`` mode
@@ -21,6 +23,7 @@ there instead, so that is how a 2.0 file runs here, with a warning).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -129,6 +132,13 @@ class ControlNetCheckpoint:
         self.getters: dict[str, Callable[[], torch.Tensor]] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.fused_from: dict[str, list[str]] = {}  # native qkv -> stored to_q/to_k/to_v keys
+        self.declared: dict = {}  # a diffusers folder's config.json (hlky/Z-Image-Turbo-Fun-Controlnet-Union*)
+        if self.path.is_dir() and (self.path / "config.json").is_file():
+            try:
+                self.declared = json.loads((self.path / "config.json").read_text())
+            except ValueError as e:
+                raise CheckpointError(f"ControlNet: '{self.path / 'config.json'}' is not valid JSON ({e}).") from e
+        self.why_2_0 = ""
         self._index()
         self.layout = "diffusers" if self.fused_from else "comfyui"
         self.config = self._infer_config()
@@ -138,11 +148,11 @@ class ControlNetCheckpoint:
             for k in [k for k in self.getters if k.startswith("control_noise_refiner.")]:
                 del self.getters[k], self.shapes[k]
             log.warning(
-                "ControlNet '%s' is a Union 2.0 file: its control noise-refiner was never trained (the projections "
-                "are all zero), so it runs as it was trained, with the control layers also driving the noise refiner "
-                "(about twice the control cost per step). The 2.1 files fix this: prefer "
-                "Z-Image-Turbo-Fun-Controlnet-Union-2.1.",
+                "ControlNet '%s' is a Union 2.0 file: %s, so it runs as 2.0 was trained, with the control layers "
+                "also driving the noise refiner (about twice the control cost per step). The 2.1 files fix this: "
+                "prefer Z-Image-Turbo-Fun-Controlnet-Union-2.1.",
                 self.path.name,
+                self.why_2_0,
             )
 
     def _index(self) -> None:
@@ -210,6 +220,10 @@ class ControlNetCheckpoint:
         refiner = "control" if has_proj else "plain"
         if has_proj and self._refiner_untrained(n_refiner):
             refiner = "control_layers"
+            self.why_2_0 = "its control noise refiner was never trained (its projections are all zero)"
+        elif n_refiner == 0 and in_channels == 33:  # diffusers' 2.0 folders leave the untrained refiner out
+            refiner, n_refiner = "control_layers", base.n_refiner_layers
+            self.why_2_0 = "it has no control noise refiner (the layout diffusers writes for 2.0)"
         if refiner != "plain" and n_refiner != base.n_refiner_layers:
             raise CheckpointError(
                 f"ControlNet '{self.path}' has {n_refiner} control noise-refiner layers, but the DiT has "
@@ -219,7 +233,16 @@ class ControlNetCheckpoint:
             raise CheckpointError(
                 f"ControlNet '{self.path}' has {n_control} control layers, more than the DiT's {base.n_layers} layers."
             )
-        return ControlNetConfig.for_base(base, n_control, in_channels, refiner, n_refiner)
+        cfg = ControlNetConfig.for_base(base, n_control, in_channels, refiner, n_refiner)
+        places = self.declared.get("control_layers_places")
+        if places:  # a diffusers folder says where its hints go
+            if len(places) != n_control or max(places) >= base.n_layers:
+                raise CheckpointError(
+                    f"ControlNet: config.json of '{self.path}' places {len(places)} control layers at {places}, but "
+                    f"the weights have {n_control} control layers for a DiT of {base.n_layers} layers."
+                )
+            cfg = cfg.replace(control_places=tuple(places))
+        return cfg
 
     def _refiner_untrained(self, n_refiner: int) -> bool:
         """2.0 files: every before/after projection of the control noise refiner is zero (never trained)."""

@@ -100,3 +100,9 @@ def save_controlnet(
     state = {prefix + k: (v.to(dtype) if dtype is not None else v) for k, v in state.items()}
     save_safetensors(state, file, metadata={"format": "pt"})
     return Path(file)
+
+
+def save_diffusers_controlnet(tiny: TinyControlNet, folder: Path) -> Path:
+    """diffusers' ``save_pretrained`` folder (the hlky/Z-Image-Turbo-Fun-Controlnet-Union* repos' layout)."""
+    tiny.reference.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)

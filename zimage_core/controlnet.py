@@ -56,9 +56,16 @@ import torch
 from torch import nn
 
 from .config import ControlNetConfig, DiTConfig
+from .controlnet_layouts import ControlNetCheckpoint, to_native_key
 from .dit import patchify
+from .dtypes import resolve_dtype
 from .errors import ZImageError
 from .layers import Modulation, Rope, TransformerBlock
+from .quant import comfy
+from .quant import load as qload
+from .quant.linear import share_workspace
+from .quant.modes import check_mode
+from .weights import materialize
 
 log = logging.getLogger(__name__)
 
@@ -359,14 +366,7 @@ def load_controlnet(
     ``quant`` (``none``, ``int8``, ``nf4``, ``fp8``) quantizes the control blocks' big matrices while loading;
     ComfyUI fp8/int8 files are recognised and stay quantized, as for the DiT.
     """
-    from .checkpoints import resolve_dtype
-    from .controlnet_layouts import ControlNetCheckpoint
-    from .quant import comfy
-    from .quant import load as qload
-    from .quant.linear import share_workspace
-    from .weights import materialize
-
-    mode = qload.check_mode(quant)
+    mode = check_mode(quant)
     target = resolve_dtype(dtype, device)
     ckpt = ControlNetCheckpoint(path, base)
     with torch.device("meta"):
@@ -375,8 +375,6 @@ def load_controlnet(
     src = ckpt.source
     found = comfy.scan(src, f"ControlNet '{path}'")
     if found:
-        from .controlnet_layouts import to_native_key
-
         keep = re.compile(CONTROL_POLICY_GROUPS + r"(attention\.(qkv|out)|feed_forward\.w[123]|adaLN_modulation\.0)")
         fuse = {k[: -len(".weight")]: parts for k, parts in ckpt.fused_from.items()}
         plan = comfy.plan_linears(src, found, to_native_key, fuse)

@@ -32,9 +32,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import NATIVE_PREFIXES, QKV_FUSED, QKV_SPLIT, describe_wrong_file
 from .config import ControlNetConfig, DiTConfig
+from .dit_layout import NATIVE_PREFIXES, QKV_FUSED, QKV_SPLIT, describe_wrong_file
 from .errors import CheckpointError
+from .quant.comfy import is_aux_key
 from .weights import WeightSource, resolve_weight_files
 
 log = logging.getLogger(__name__)
@@ -156,8 +157,6 @@ class ControlNetCheckpoint:
             )
 
     def _index(self) -> None:
-        from .quant.comfy import is_aux_key
-
         src = self.source
         if not any(to_native_key(k) == EMBEDDER for k in src):
             raise CheckpointError(f"ControlNet '{self.path}': " + _not_a_controlnet(list(src)))

@@ -33,9 +33,8 @@ from pathlib import Path
 import torch
 
 from .config import ControlNetConfig, DiTConfig
-from .dit_layout import NATIVE_PREFIXES, QKV_FUSED, QKV_SPLIT, describe_wrong_file
+from .dit_layout import NATIVE_PREFIXES, describe_wrong_file, native_view
 from .errors import CheckpointError
-from .quant.comfy import is_aux_key
 from .weights import WeightSource, resolve_weight_files
 
 log = logging.getLogger(__name__)
@@ -161,29 +160,14 @@ class ControlNetCheckpoint:
         if not any(to_native_key(k) == EMBEDDER for k in src):
             raise CheckpointError(f"ControlNet '{self.path}': " + _not_a_controlnet(list(src)))
         unknown = []
-        for key in src:
-            k = to_native_key(key)
-            if is_aux_key(k):  # scales/recipes of quantized weights: read by zimage_core.quant
-                continue
-            if k.endswith(QKV_SPLIT[1]) or k.endswith(QKV_SPLIT[2]):
-                continue
-            if k.endswith(QKV_SPLIT[0]):
-                base = key[: -len(QKV_SPLIT[0])]
-                parts = [base + s for s in QKV_SPLIT]
-                missing = [p for p in parts if p not in src]
-                if missing:
-                    raise CheckpointError(f"ControlNet: {missing} missing next to '{key}'; the file is incomplete.")
-                k = k[: -len(QKV_SPLIT[0])] + QKV_FUSED
+        for k, (get, shape, parts) in native_view(src, to_native_key, "ControlNet").items():
+            self.getters[k] = get
+            self.shapes[k] = shape
+            if len(parts) > 1:
                 self.fused_from[k] = parts
-                self.getters[k] = lambda parts=parts: torch.cat([src[p] for p in parts], dim=0)
-                q = src.shape(parts[0])
-                self.shapes[k] = (3 * q[0], q[1])
-            else:
-                self.getters[k] = lambda key=key: src[key]
-                self.shapes[k] = src.shape(key)
             m = _KEY.fullmatch(k)
             if not (k in (EMBEDDER, "control_x_embedder.bias") or m and m.group(3) in BLOCK_PARAMS + PROJ_PARAMS):
-                unknown.append(key)
+                unknown.append(parts[0])
         if unknown:
             raise CheckpointError(
                 f"ControlNet '{self.path}': tensors {unknown[:6]}{' ...' if len(unknown) > 6 else ''} are not part "

@@ -47,9 +47,8 @@ def run_density(out, cfg: CurateConfig, embeddings, ids, concepts=None, concept_
     cols, have, x = _aligned(out, embeddings, ids)
     labels, sims, _ = V.communities(x, cfg.dedup)
     rep = V.density(sims, labels, [_label(cols, int(r)) for r in have])
-    local = rep.pop("local_density")
-    outl = [cols["id"][int(have[i])] for i in np.argsort(local)[: max(1, len(local) // 100)]]
-    rep["outliers"] = outl
+    rep.pop("local_density")
+    rep["outliers"] = [cols["id"][int(have[i])] for i in rep.pop("outlier_rows")]
     if concepts is not None:
         if not concept_names:
             raise CurateError("--concepts needs --concept-names (one name per row).")

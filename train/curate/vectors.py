@@ -193,11 +193,20 @@ def retrieve(x: np.ndarray, queries: np.ndarray, k: int, opts: Dedup) -> tuple[n
     return index.search(normalise(queries), min(k, len(x)))
 
 
-def density(sims: np.ndarray, labels: np.ndarray, names: list[str], sparse_quantile: float = 0.1) -> dict:
-    """Per-community size and mean k-NN similarity; the sparse ones (few members or loose) named.
+def _robust_low(v: np.ndarray, z: float) -> float:
+    """The value ``z`` robust standard deviations (median absolute deviation) below the median."""
+    med = float(np.nanmedian(v))
+    mad = float(np.nanmedian(np.abs(v - med))) * 1.4826
+    return med - z * max(mad, 1e-6)
 
-    ``names[i]`` labels row ``i`` (a tag, caption start or file name); a community is named by its most
-    frequent labels. Sparse: in the lowest ``sparse_quantile`` of size or of mean neighbour similarity.
+
+def density(sims: np.ndarray, labels: np.ndarray, names: list[str], small: float = 0.25, z: float = 3.0) -> dict:
+    """Sparse regions of the embedding space, named.
+
+    Per community: size and mean k-NN similarity of its members; sparse when it has fewer than ``small`` x the
+    median community size, or is ``z`` robust deviations looser than the median community. Per image: its
+    mean k-NN similarity (local density); outliers lie ``z`` robust deviations below the median. ``names[i]``
+    labels row ``i`` (tags, a caption or the file name); a community is named by its most frequent labels.
     """
     valid = np.where(np.isfinite(sims), sims, np.nan)
     local = np.nanmean(valid, axis=1)
@@ -213,25 +222,29 @@ def density(sims: np.ndarray, labels: np.ndarray, names: list[str], sparse_quant
             {
                 "community": int(c),
                 "size": int(len(members)),
-                "mean_sim": float(np.nanmean(local[members])) if len(members) else float("nan"),
+                "mean_sim": float(np.nanmean(local[members])),
                 "name": " / ".join(w for w, _ in top),
                 "examples": [names[i] for i in members[:5]],
             }
         )
-    sizes = np.array([c["size"] for c in comms])
-    dens = np.array([c["mean_sim"] for c in comms])
-    s_cut = np.quantile(sizes, sparse_quantile)
-    d_cut = np.nanquantile(dens, sparse_quantile)
+    sizes = np.array([c["size"] for c in comms], dtype=np.float64)
+    loose = _robust_low(np.array([c["mean_sim"] for c in comms]), z)
     for c in comms:
-        c["sparse"] = bool(c["size"] <= s_cut or c["mean_sim"] <= d_cut)
+        c["sparse"] = bool(c["size"] < small * np.median(sizes) or c["mean_sim"] < loose)
     comms.sort(key=lambda c: (not c["sparse"], c["size"], c["mean_sim"]))
-    outlier_cut = float(np.nanquantile(local, sparse_quantile))
+    cut = _robust_low(local, z)
+    outliers = [int(i) for i in np.argsort(local) if local[i] < cut]
+    sparse = [c["name"] for c in comms if c["sparse"]]
+    for i in outliers:
+        if names[i] not in sparse:
+            sparse.append(names[i])
     return {
         "n": int(len(labels)),
         "communities": comms,
-        "sparse": [c["name"] for c in comms if c["sparse"]],
+        "sparse": sparse,
+        "outlier_rows": outliers,
         "local_density": local.tolist(),
-        "outlier_threshold": outlier_cut,
+        "outlier_threshold": cut,
     }
 
 

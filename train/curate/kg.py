@@ -117,15 +117,21 @@ def taxonomy(names: list[str], vecs: np.ndarray, branching: list[int], seed: int
             if len(sub) == 0:
                 continue
             child_path = path + [medoid(sub)]
-            child = split(sub, level + 1, child_path)
-            for i in sub:
+            for i in sub:  # set before descending: a deeper level overwrites it with a longer path
                 parents[names[i]] = child_path
-            node["children"].append(child)
+            node["children"].append(split(sub, level + 1, child_path))
         return node
 
     vecs = normalise(vecs)
     tree = split(np.arange(len(names)), 0, [])
-    return tree, {n: [p for p in ps if p != n] for n, ps in parents.items()}
+    def chain(n, ps):  # ancestors from the root down, without repeats and without the entity itself
+        out = []
+        for p in ps:
+            if p != n and (not out or out[-1] != p):
+                out.append(p)
+        return out
+
+    return tree, {n: chain(n, ps) for n, ps in parents.items()}
 
 
 def prompt_frequencies(prompts_file, tag_map: dict[str, set[str]]) -> dict[str, int]:

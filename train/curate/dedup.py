@@ -59,24 +59,33 @@ def pixel_pairs(cols: dict, opts, valid: np.ndarray) -> dict[tuple[int, int], st
         for d, b in zip(dist[a], idx[a]):
             if b >= 0 and b != a and d <= opts.phash_max:
                 cands[(min(a, b), max(a, b))] = int(d)
-    # crop-region descriptor neighbours: each image's whole view against every region of every image
-    thumbs = [thumb_array(cols["thumb"][r]).astype(np.float32) for r in rows]
-    regs = np.stack([M.region_descriptors(t) for t in thumbs])  # [n, R, G*G]
-    nr = regs.shape[1]
-    flat = regs.reshape(n * nr, -1)
-    index = V.make_index(flat, _scaled(opts, nr))
-    sims, idx = index.search(np.ascontiguousarray(regs[:, 0]), min(len(flat), (k + 1) * nr))
+    # crop-region descriptor neighbours: every region of every image against every image's whole view (so a
+    # copy cropped from an image, or an image cropped into a copy, meets it), in chunks: bounded memory
+    def thumb(a):
+        return thumb_array(cols["thumb"][int(rows[a])]).astype(np.float32)
+
+    full = np.zeros((n, M.GRID * M.GRID), np.float32)
     for a in range(n):
-        owners = []
-        for s, j in zip(sims[a], idx[a]):
-            b = int(j) // nr if j >= 0 else -1
-            if b < 0 or b == a or s < opts.candidate_min or b in owners:
-                continue
-            owners.append(b)
-            if len(owners) >= k:
-                break
-        for b in owners:
-            cands.setdefault((min(a, b), max(a, b)), None)
+        full[a] = M.region_descriptors(thumb(a))[0]
+    index = V.make_index(full, opts)
+    chunk = 2048
+    for c0 in range(0, n, chunk):
+        regs = np.stack([M.region_descriptors(thumb(a)) for a in range(c0, min(n, c0 + chunk))])
+        nr = regs.shape[1]
+        sims, idx = index.search(np.ascontiguousarray(regs.reshape(-1, regs.shape[2])), k + 1)
+        sims, idx = sims.reshape(len(regs), nr * (k + 1)), idx.reshape(len(regs), nr * (k + 1))
+        for q in range(len(regs)):
+            a = c0 + q
+            order = np.argsort(-sims[q], kind="stable")
+            owners = []
+            for o in order:
+                b, sv = int(idx[q, o]), sims[q, o]
+                if sv < opts.candidate_min or len(owners) >= k:
+                    break
+                if b >= 0 and b != a and b not in owners:
+                    owners.append(b)
+            for b in owners:
+                cands.setdefault((min(a, b), max(a, b)), None)
     rgb = np.stack([np.array([cols["mean_r"][r], cols["mean_g"][r], cols["mean_b"][r]]) for r in rows])
     out = {}
     for (a, b), hd in sorted(cands.items()):
@@ -89,22 +98,16 @@ def pixel_pairs(cols: dict, opts, valid: np.ndarray) -> dict[tuple[int, int], st
         cdist = float(np.linalg.norm(rgb[a] - rgb[b]))
         if cdist > opts.colour_max:
             continue
-        flat_a, flat_b = thumbs[a].std() < 2.0, thumbs[b].std() < 2.0
+        ta, tb = thumb(a), thumb(b)
+        flat_a, flat_b = ta.std() < 2.0, tb.std() < 2.0
         if flat_a or flat_b:
             if flat_a and flat_b and cdist <= 8.0:
                 out[(ra, rb)] = f"flat, colour distance {cdist:.1f}"
             continue
-        m = M.crop_match(thumbs[a], thumbs[b])
+        m = M.crop_match(ta, tb)
         if m >= opts.match_min:
             out[(ra, rb)] = f"pHash distance {hd}, thumbnail match {m:.3f}"
     return out
-
-
-def _scaled(opts, factor: int):
-    """The same index options with ``exact_limit`` counted in images (each image has ``factor`` rows)."""
-    from dataclasses import replace
-
-    return replace(opts, exact_limit=opts.exact_limit * factor)
 
 
 def _rank_key(cols: dict, r: int, rank_by: list[str]):

@@ -86,7 +86,9 @@ def dedup_scores(rows: dict, truth: dict) -> dict:
         p = partner.get(i)
         if p is not None and rows[i]["duplicate_of"] == rows[p]["path"]:
             ok += 1
-    found = sum(1 for d, o in truth.items() if (d in flagged) != (o in flagged) and rows[d]["cluster"] == rows[o]["cluster"])
+    found = sum(
+        1 for d, o in truth.items() if (d in flagged) != (o in flagged) and rows[d]["cluster"] == rows[o]["cluster"]
+    )
     per_kind = {}
     for d, o in truth.items():
         k = d.split("_")[1].split(".")[0]
@@ -105,7 +107,9 @@ def dedup_scores(rows: dict, truth: dict) -> dict:
 
 def filter_scores(rows: dict, truth_bad: dict) -> dict:
     def quality_codes(r):
-        return [x.split(":")[0] for x in r["reasons"].split("; ") if x and not x.startswith(("duplicate", "decode_error"))]
+        return [
+            x.split(":")[0] for x in r["reasons"].split("; ") if x and not x.startswith(("duplicate", "decode_error"))
+        ]
 
     flagged = {i for i, r in rows.items() if r["decodes"] and quality_codes(r)}
     tp = len(flagged & set(truth_bad))
@@ -198,7 +202,10 @@ def memory(n: int, work: Path, steps) -> list[dict]:
             raise SystemExit(f"memory step {step} failed:\n{r.stderr[-3000:]}")
         out.append(json.loads(r.stdout.strip().splitlines()[-1]))
         o = out[-1]
-        print(f"  {n} rows, {step}: peak RSS {o['peak_rss_mb']:.0f} MB (after imports {o['baseline_rss_mb']:.0f}), {o['seconds']:.1f} s", flush=True)
+        print(
+            f"  {n} rows, {step}: peak RSS {o['peak_rss_mb']:.0f} MB (after imports {o['baseline_rss_mb']:.0f}), {o['seconds']:.1f} s",
+            flush=True,
+        )
     return out
 
 
@@ -222,7 +229,9 @@ def main() -> None:
     t0 = time.perf_counter()
     truth_dup, truth_bad, cluster = make_set(root, args.originals, args.degraded, args.clusters)
     n_files = len(list(root.iterdir()))
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; {n_files} images generated in {time.perf_counter() - t0:.0f} s")
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} cores; {n_files} images generated in {time.perf_counter() - t0:.0f} s"
+    )
     import pyarrow.parquet as pq
 
     res = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "images": n_files}
@@ -230,18 +239,35 @@ def main() -> None:
     out = work / "out"
     man = run_profile(root, out, cfg)
     run_dedup(man, out, cfg)
-    rows = {r["id"]: r for r in pq.read_table(out / "manifest.parquet", columns=["id", "path", "keep", "reasons", "decodes", "duplicate_of", "cluster"]).to_pylist()}
+    rows = {
+        r["id"]: r
+        for r in pq.read_table(
+            out / "manifest.parquet", columns=["id", "path", "keep", "reasons", "decodes", "duplicate_of", "cluster"]
+        ).to_pylist()
+    }
     res["dedup_pixels"] = dedup_scores(rows, truth_dup)
     res["filter"] = filter_scores(rows, truth_bad)
     t = time.perf_counter()
     run_dedup(man, out, cfg, work / "emb.npy", work / "ids.txt")
     res["dedup_seconds_with_embeddings"] = time.perf_counter() - t
-    rows = {r["id"]: r for r in pq.read_table(out / "manifest.parquet", columns=["id", "path", "keep", "reasons", "decodes", "duplicate_of", "cluster", "community"]).to_pylist()}
+    rows = {
+        r["id"]: r
+        for r in pq.read_table(
+            out / "manifest.parquet",
+            columns=["id", "path", "keep", "reasons", "decodes", "duplicate_of", "cluster", "community"],
+        ).to_pylist()
+    }
     res["dedup_with_embeddings"] = dedup_scores(rows, truth_dup)
     ids = sorted(cluster)
     res["community_ari"] = adjusted_rand_index([rows[i]["community"] for i in ids], [cluster[i] for i in ids])
     res["communities"] = len({rows[i]["community"] for i in ids})
-    print(json.dumps({k: res[k] for k in ("dedup_pixels", "dedup_with_embeddings", "filter", "community_ari", "communities")}, indent=1), flush=True)
+    print(
+        json.dumps(
+            {k: res[k] for k in ("dedup_pixels", "dedup_with_embeddings", "filter", "community_ari", "communities")},
+            indent=1,
+        ),
+        flush=True,
+    )
 
     # throughput: fresh runs in child processes
     sub = work / "ocr_subset"
@@ -257,7 +283,10 @@ def main() -> None:
     ]:
         s, run = timed_profile(src, work / f"thr-{engine}-{ocr}", engine, ocr)
         thr[name] = {"images": n, "seconds": s, "images_per_s": n / s, "images_per_s_after_start": n / run}
-        print(f"  profile {name}: {n} images in {s:.1f} s = {n / s:.1f} img/s ({n / run:.1f} img/s after start-up)", flush=True)
+        print(
+            f"  profile {name}: {n} images in {s:.1f} s = {n / s:.1f} img/s ({n / run:.1f} img/s after start-up)",
+            flush=True,
+        )
     res["throughput"] = thr
 
     mem = []

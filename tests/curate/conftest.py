@@ -50,9 +50,15 @@ def make_tiny_clip(d: Path) -> Path:
         vocab.setdefault(c, len(vocab))
         vocab.setdefault(c + "</w>", len(vocab))
     text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
     torch.manual_seed(0)
-    config = CLIPConfig(text_config={**text, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}, vision_config=vision, projection_dim=16)
+    config = CLIPConfig(
+        text_config={**text, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+        vision_config=vision,
+        projection_dim=16,
+    )
     CLIPModel(config).save_pretrained(d)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
     CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(d)

@@ -23,6 +23,9 @@ def mean_brightness(path=None, scale=1.0):
 
 def ocr_captioner(prefix="a picture"):
     def caption(images, ocr_texts):
-        return [f"{prefix} {im.size[0]}x{im.size[1]}" + (f' with the text "{t}"' if t else "") for im, t in zip(images, ocr_texts)]
+        return [
+            f"{prefix} {im.size[0]}x{im.size[1]}" + (f' with the text "{t}"' if t else "")
+            for im, t in zip(images, ocr_texts)
+        ]
 
     return caption

@@ -44,7 +44,10 @@ def test_rank_by_picks_the_member_kept(tmp_path, dup_set):
     root, truth = dup_set
 
     # a plug-in score that prefers the planted copies: the copy must then be kept instead of the original
-    c = cfg(scores={"pref": {"kind": "plugin", "entry": "tests.curate.plugin_fixtures:prefer_dup"}}, dedup={"rank_by": ["score_pref"]})
+    c = cfg(
+        scores={"pref": {"kind": "plugin", "entry": "tests.curate.plugin_fixtures:prefer_dup"}},
+        dedup={"rank_by": ["score_pref"]},
+    )
     run_profile(root, tmp_path, c)
     run_dedup(tmp_path / "manifest.parquet", tmp_path, c)
     r = rows(tmp_path)
@@ -59,7 +62,10 @@ def test_embedding_communities_and_near_duplicates(tmp_path):
     opts = cfg().dedup
     comm, sims, idx = V.communities(x, opts)
     assert V.adjusted_rand_index(comm, labels) > 0.95
-    assert V.adjusted_rand_index(labels, labels) == 1.0 and abs(V.adjusted_rand_index(labels, rng.permutation(labels))) < 0.1
+    assert (
+        V.adjusted_rand_index(labels, labels) == 1.0
+        and abs(V.adjusted_rand_index(labels, rng.permutation(labels))) < 0.1
+    )
     # the same through an IVF and an HNSW index
     for kind in ("ivf", "hnsw"):
         c2, _, _ = V.communities(x, cfg(dedup={"index": kind}).dedup)
@@ -88,7 +94,12 @@ def test_embedding_near_duplicates_in_dedup(tmp_path, dup_set):
     (tmp_path / "ids.txt").write_text("\n".join(ids))
     (tmp_path / "c.toml").write_text("[curate]\nocr = false\nshard_size = 8\n")  # as profiled above: reused
     args = ["dedup", "--input", str(root), "--out", str(out), "--config", str(tmp_path / "c.toml")]
-    assert main([*args, "--embeddings", str(tmp_path / "e.npy"), "--ids", str(tmp_path / "ids.txt"), "-q", "--no-progress"]) == 0
+    assert (
+        main(
+            [*args, "--embeddings", str(tmp_path / "e.npy"), "--ids", str(tmp_path / "ids.txt"), "-q", "--no-progress"]
+        )
+        == 0
+    )
     r = rows(out)
     assert "embedding cosine" in r["orig5.png"]["reasons"] or "embedding cosine" in r["orig1.png"]["reasons"]
     assert r["orig5.png"]["cluster"] == r["orig1.png"]["cluster"]

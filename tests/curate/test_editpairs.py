@@ -27,15 +27,23 @@ def test_combinatorial_pairs(tmp_path, n_edits):
     edits = []
     for i in range(n_edits):
         natural(rng, 64, 64).save(tmp_path / f"e{i}.png")
-        edits.append({"image": f"e{i}.png", "instruction": f"Make edit {i}."} | ({"inverse": "Restore it."} if i == 0 else {}))
+        edits.append(
+            {"image": f"e{i}.png", "instruction": f"Make edit {i}."} | ({"inverse": "Restore it."} if i == 0 else {})
+        )
     (tmp_path / "groups.jsonl").write_text(json.dumps({"source": "src.png", "edits": edits}) + "\n")
     res = E.run_combos(tmp_path / "groups.jsonl", tmp_path / "out", cfg())
     assert res["count"] == 2 * comb(n_edits + 1, 2) == n_edits * (n_edits + 1)
     recs = [json.loads(x) for x in (tmp_path / "out" / "pairs.jsonl").read_text().splitlines()]
     pairs = {(r["source"].split("/")[-1], r["target"].split("/")[-1]): r for r in recs}
     assert len(pairs) == res["count"]  # all distinct ordered pairs
-    assert pairs[("src.png", "e0.png")]["instruction"] == "Make edit 0." and pairs[("src.png", "e0.png")]["kind"] == "expert"
-    assert pairs[("e0.png", "src.png")]["instruction"] == "Restore it." and pairs[("e0.png", "src.png")]["kind"] == "inverse"
+    assert (
+        pairs[("src.png", "e0.png")]["instruction"] == "Make edit 0."
+        and pairs[("src.png", "e0.png")]["kind"] == "expert"
+    )
+    assert (
+        pairs[("e0.png", "src.png")]["instruction"] == "Restore it."
+        and pairs[("e0.png", "src.png")]["kind"] == "inverse"
+    )
     if n_edits > 1:
         assert pairs[("e1.png", "src.png")]["instruction"] == 'Undo the edit "Make edit 1".'
         assert pairs[("e0.png", "e1.png")]["instruction"] == "Restore it, then make edit 1."
@@ -44,7 +52,9 @@ def test_combinatorial_pairs(tmp_path, n_edits):
 
 
 def test_combos_errors(tmp_path):
-    (tmp_path / "g.jsonl").write_text(json.dumps({"source": "a.png", "edits": [{"image": "b.png", "instruction": "x"}]}))
+    (tmp_path / "g.jsonl").write_text(
+        json.dumps({"source": "a.png", "edits": [{"image": "b.png", "instruction": "x"}]})
+    )
     with pytest.raises(CurateError, match="not found"):
         E.run_combos(tmp_path / "g.jsonl", tmp_path / "o", cfg())
 
@@ -54,7 +64,11 @@ def test_video_frame_pairs(tmp_path):
     base = rng.normal(size=16)
     other = rng.normal(size=16)
     # one video: frames drift slowly, an identical repeat, then a cut to another scene
-    vecs = [base + 0.15 * k * rng.normal(size=16) for k in range(4)] + [base + 0.45 * rng.normal(size=16)] * 2 + [other, other + 0.3 * rng.normal(size=16)]
+    vecs = (
+        [base + 0.15 * k * rng.normal(size=16) for k in range(4)]
+        + [base + 0.45 * rng.normal(size=16)] * 2
+        + [other, other + 0.3 * rng.normal(size=16)]
+    )
     x = np.stack([v / np.linalg.norm(v) for v in vecs]).astype(np.float32)
     c = cfg(editpairs={"sim_low": 0.5, "sim_high": 0.999, "shot_threshold": 0.3})
     pairs = E.frame_pairs(x, c)
@@ -82,9 +96,14 @@ def test_text_edit_pairs_are_exact(tmp_path):
     recs = [json.loads(x) for x in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert res["count"] == 12 and {r["op"] for r in recs} == {"replace", "recolour", "add", "remove"}
     for r in recs:
-        src, tgt = (np.asarray(Image.open(tmp_path / r[k]).convert("RGB"), dtype=np.int16) for k in ("source", "target"))
+        src, tgt = (
+            np.asarray(Image.open(tmp_path / r[k]).convert("RGB"), dtype=np.int16) for k in ("source", "target")
+        )
         assert np.abs(src - tgt).max() > 50  # the edit is visible
-        t = {"replace": f'Replace the text "{r["text_source"]}" with "{r["text_target"]}".', "remove": f'Remove the text "{r["text_source"]}".'}
+        t = {
+            "replace": f'Replace the text "{r["text_source"]}" with "{r["text_target"]}".',
+            "remove": f'Remove the text "{r["text_source"]}".',
+        }
         if r["op"] in t:
             assert r["instruction"] == t[r["op"]]
     assert len(scan_edit_jsonl(0, tmp_path / "pairs.jsonl", LEVELS, 1.0)) == 12
@@ -92,7 +111,11 @@ def test_text_edit_pairs_are_exact(tmp_path):
     from rapidocr_onnxruntime import RapidOCR
 
     r = next(r for r in recs if r["op"] == "replace")
-    text = " ".join(t for _, t, _ in RapidOCR()(np.asarray(Image.open(tmp_path / r["target"]).convert("RGB"))[:, :, ::-1].copy())[0] or [])
+    text = " ".join(
+        t
+        for _, t, _ in RapidOCR()(np.asarray(Image.open(tmp_path / r["target"]).convert("RGB"))[:, :, ::-1].copy())[0]
+        or []
+    )
     assert r["text_target"] in text.upper().replace(" ", "")
 
 

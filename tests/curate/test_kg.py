@@ -77,7 +77,9 @@ def test_rarity_weights(kg_dir):
     c = cfg(kg={"branching": [2]})
     run_kg(kg_dir / "e.jsonl", kg_dir, c, prompts=kg_dir / "prompts.txt")
     kg = json.loads((kg_dir / "kg.json").read_text())
-    texts = ["a tabby cat"] * 10 + ["a cat on a sofa"] * 5 + ["an axolotl in a tank"] + ["a puppy"] * 5 + ["abstract art"]
+    texts = (
+        ["a tabby cat"] * 10 + ["a cat on a sofa"] * 5 + ["an axolotl in a tank"] + ["a puppy"] * 5 + ["abstract art"]
+    )
     w, found = concept_weights(texts, kg, c)
     assert found[0] == ["cat"] and found[15] == ["axolotl"] and found[-1] == []
     assert w[15] > w[16] > w[0]  # rare > boosted-by-prompts medium > common

@@ -22,7 +22,17 @@ def tiny_vit(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("vit")
     torch.manual_seed(0)
-    c = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=2, id2label={0: "safe", 1: "nsfw"}, label2id={"safe": 0, "nsfw": 1})
+    c = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=2,
+        id2label={0: "safe", 1: "nsfw"},
+        label2id={"safe": 0, "nsfw": 1},
+    )
     ViTForImageClassification(c).save_pretrained(d)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(d)
     return d
@@ -38,7 +48,23 @@ def test_embed_stage_and_retrieval(tmp_path, dup_set, tiny_clip):
     direct = Embedder(tiny_clip).images([__import__("PIL.Image").Image.open(root / ids[2]).convert("RGB")])
     assert np.allclose(direct[0], x[2], atol=1e-5)
     run_profile(root, tmp_path, cfg())
-    assert main(["retrieve", "--out", str(tmp_path), "--query-image", str(root / ids[3]), "--model", str(tiny_clip), "--k", "3", "-q"]) == 0
+    assert (
+        main(
+            [
+                "retrieve",
+                "--out",
+                str(tmp_path),
+                "--query-image",
+                str(root / ids[3]),
+                "--model",
+                str(tiny_clip),
+                "--k",
+                "3",
+                "-q",
+            ]
+        )
+        == 0
+    )
     hits = __import__("json").loads((tmp_path / "retrieval.json").read_text())["hits"]
     assert hits[0]["id"] == ids[3] and hits[0]["score"] == pytest.approx(1.0, abs=1e-4) and len(hits) == 3
     assert main(["retrieve", "--out", str(tmp_path), "--query-text", "a red car", "--model", str(tiny_clip), "-q"]) == 0
@@ -51,13 +77,22 @@ def test_scores_and_captioner(tmp_path, dup_set, tiny_vit, tiny_clip):
 
     root, _ = dup_set
     torch.manual_seed(1)
-    head = {"layers.0.weight": torch.randn(8, 16), "layers.0.bias": torch.randn(8), "layers.2.weight": torch.randn(1, 8)}
+    head = {
+        "layers.0.weight": torch.randn(8, 16),
+        "layers.0.bias": torch.randn(8),
+        "layers.2.weight": torch.randn(1, 8),
+    }
     save_file(head, str(tmp_path / "head.safetensors"))
     c = cfg(
         scores={
             "nsfw": {"kind": "image_classifier", "path": str(tiny_vit), "label": "nsfw", "max": 2.0},
             "aesthetic": {"kind": "clip_mlp", "path": str(tiny_clip), "head": str(tmp_path / "head.safetensors")},
-            "bright": {"kind": "plugin", "entry": "tests.curate.plugin_fixtures:mean_brightness", "scale": 2.0, "min": 1e9},
+            "bright": {
+                "kind": "plugin",
+                "entry": "tests.curate.plugin_fixtures:mean_brightness",
+                "scale": 2.0,
+                "min": 1e9,
+            },
         },
         caption={"entry": "tests.curate.plugin_fixtures:ocr_captioner", "prefix": "photo"},
     )
@@ -67,7 +102,9 @@ def test_scores_and_captioner(tmp_path, dup_set, tiny_vit, tiny_clip):
     im = Image.open(rows[0]["path"]).convert("RGB")
     model = AutoModelForImageClassification.from_pretrained(tiny_vit)
     with torch.no_grad():
-        p = model(**AutoImageProcessor.from_pretrained(tiny_vit)(images=[im], return_tensors="pt")).logits.softmax(-1)[0, 1]
+        p = model(**AutoImageProcessor.from_pretrained(tiny_vit)(images=[im], return_tensors="pt")).logits.softmax(-1)[
+            0, 1
+        ]
     assert rows[0]["score_nsfw"] == pytest.approx(float(p), abs=1e-5)
     e = torch.from_numpy(Embedder(tiny_clip).images([im]))
     want = (e @ head["layers.0.weight"].T + head["layers.0.bias"]) @ head["layers.2.weight"].T
@@ -78,10 +115,34 @@ def test_scores_and_captioner(tmp_path, dup_set, tiny_vit, tiny_clip):
 
 
 MISSING = [
-    ("image_classifier", {"scores": {"nsfw": {"kind": "image_classifier", "path": "{tmp}/nsfw"}}}, r"\[curate.scores.nsfw\].*{tmp}/nsfw.*does not exist.*config.json"),
-    ("clip_mlp head", {"scores": {"aes": {"kind": "clip_mlp", "path": "{clip}", "head": "{tmp}/aes.pth"}}}, r"head.*{tmp}/aes.pth.*does not exist"),
-    ("plugin path", {"scores": {"wm": {"kind": "plugin", "entry": "tests.curate.plugin_fixtures:mean_brightness", "path": "{tmp}/wm.onnx"}}}, r"\[curate.scores.wm\].*{tmp}/wm.onnx.*does not exist"),
-    ("captioner", {"caption": {"entry": "tests.curate.plugin_fixtures:ocr_captioner", "path": "{tmp}/vlm"}}, r"\[curate.caption\].*{tmp}/vlm.*does not exist"),
+    (
+        "image_classifier",
+        {"scores": {"nsfw": {"kind": "image_classifier", "path": "{tmp}/nsfw"}}},
+        r"\[curate.scores.nsfw\].*{tmp}/nsfw.*does not exist.*config.json",
+    ),
+    (
+        "clip_mlp head",
+        {"scores": {"aes": {"kind": "clip_mlp", "path": "{clip}", "head": "{tmp}/aes.pth"}}},
+        r"head.*{tmp}/aes.pth.*does not exist",
+    ),
+    (
+        "plugin path",
+        {
+            "scores": {
+                "wm": {
+                    "kind": "plugin",
+                    "entry": "tests.curate.plugin_fixtures:mean_brightness",
+                    "path": "{tmp}/wm.onnx",
+                }
+            }
+        },
+        r"\[curate.scores.wm\].*{tmp}/wm.onnx.*does not exist",
+    ),
+    (
+        "captioner",
+        {"caption": {"entry": "tests.curate.plugin_fixtures:ocr_captioner", "path": "{tmp}/vlm"}},
+        r"\[curate.caption\].*{tmp}/vlm.*does not exist",
+    ),
     ("bad entry", {"caption": {"entry": "no_such_module:f"}}, r"cannot import 'no_such_module'"),
 ]
 
@@ -104,7 +165,10 @@ def test_missing_embedding_model(tmp_path, dup_set):
         run_embed(root, tmp_path / "o", cfg(), tmp_path / "half")
     with pytest.raises(CurateError, match="--model DIR"):
         run_embed(root, tmp_path / "o", cfg(), None)
-    assert main(["embed", "--input", str(root), "--out", str(tmp_path / "o"), "--model", str(tmp_path / "none"), "-q"]) == 2
+    assert (
+        main(["embed", "--input", str(root), "--out", str(tmp_path / "o"), "--model", str(tmp_path / "none"), "-q"])
+        == 2
+    )
 
 
 def test_profiler_builds_once_per_worker(tmp_path):

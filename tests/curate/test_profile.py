@@ -55,11 +55,26 @@ CASES = [
     ("blur lowers sharpness", lambda im: im.filter(ImageFilter.GaussianBlur(3)), "sharpness", "down"),
     ("noise raises noise", _noisy, "noise", "up"),
     ("a frame raises border_score", lambda im: ImageOps.expand(im, border=20, fill=(0, 0, 0)), "border_score", "up"),
-    ("a frame lowers border_variance", lambda im: ImageOps.expand(im, border=20, fill=(255, 255, 255)), "border_variance", "down"),
+    (
+        "a frame lowers border_variance",
+        lambda im: ImageOps.expand(im, border=20, fill=(255, 255, 255)),
+        "border_variance",
+        "down",
+    ),
     ("flat lowers entropy", lambda im: Image.new("RGB", im.size, (90, 120, 40)), "entropy", "down"),
     ("flat lowers std", lambda im: Image.new("RGB", im.size, (90, 120, 40)), "std", "down"),
-    ("flat lowers JPEG bytes per pixel", lambda im: Image.new("RGB", im.size, (90, 120, 40)), "jpeg_bytes_per_pixel", "down"),
-    ("heavy JPEG raises blockiness", lambda im: degraded(np.random.default_rng(1), im, "compressed"), "blockiness", "up"),
+    (
+        "flat lowers JPEG bytes per pixel",
+        lambda im: Image.new("RGB", im.size, (90, 120, 40)),
+        "jpeg_bytes_per_pixel",
+        "down",
+    ),
+    (
+        "heavy JPEG raises blockiness",
+        lambda im: degraded(np.random.default_rng(1), im, "compressed"),
+        "blockiness",
+        "up",
+    ),
     ("a tint raises colour_cast", _tinted, "colour_cast", "up"),
 ]
 
@@ -120,7 +135,18 @@ def test_contract_profile_command(tmp_path, dup_set):
     root, _ = dup_set
     # the module entry point itself, as other checks call it
     r = subprocess.run(
-        [sys.executable, "-m", "train.curate", "profile", "--input", str(root), "--out", str(tmp_path), "--no-progress", "-q"],
+        [
+            sys.executable,
+            "-m",
+            "train.curate",
+            "profile",
+            "--input",
+            str(root),
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+            "-q",
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -153,7 +179,7 @@ def test_config_errors(tmp_path):
     with pytest.raises(CurateError, match="engine"):
         CurateConfig.from_dict({"engine": "spark"})
     p = tmp_path / "c.toml"
-    p.write_text('[curate]\nshard_size = 4\n[curate.filters]\nmin_sharpness = 50.0\nmax_noise = 9\n[other]\nx = 1\n')
+    p.write_text("[curate]\nshard_size = 4\n[curate.filters]\nmin_sharpness = 50.0\nmax_noise = 9\n[other]\nx = 1\n")
     c = CurateConfig.load(p, {"engine": "ray"})
     assert (c.shard_size, c.filters.min_sharpness, c.filters.max_noise, c.engine) == (4, 50.0, 9, "ray")
     assert main(["profile", "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "-q"]) == 2

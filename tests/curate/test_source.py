@@ -57,7 +57,9 @@ def test_manifest_source_skips_rejected_rows(curated):
     cfg = DataConfig(sources=[{"type": "manifest", "path": str(curated)}], resolution=64)  # validation accepts it
     items = scan_source(0, cfg.sources[0], {"caption"})
     assert [it.key for it in items] == ["0:im0.png", "0:im1.png", "0:im2.png", "0:im4.png", "0:im5.png"]
-    assert items[2].captions == {"caption": {"": "from the sidecar"}} and items[0].captions["caption"][""] == "picture 0"
+    assert (
+        items[2].captions == {"caption": {"": "from the sidecar"}} and items[0].captions["caption"][""] == "picture 0"
+    )
     with pytest.raises(DataError, match="no manifest"):
         scan_source(0, {"type": "manifest", "path": str(curated / "nope")}, {"caption"})
     with pytest.raises(DataError, match="unknown key"):

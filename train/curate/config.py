@@ -43,7 +43,9 @@ class Filters:
     max_border_score: float | None = 0.75  # fraction of sides framed by a uniform band (0, .25, ..., 1)
     max_blockiness: float | None = 1.6  # JPEG 8x8-grid edge strength / elsewhere: above = over-compressed
     max_compression_ratio: float | None = None  # ideal raw bytes / file bytes (lossy formats)
-    min_jpeg_bytes_per_pixel: float | None = None  # bytes per pixel of a q=75 JPEG re-encode: below = little information
+    min_jpeg_bytes_per_pixel: float | None = (
+        None  # bytes per pixel of a q=75 JPEG re-encode: below = little information
+    )
     max_colour_cast: float | None = None  # chroma mean / chroma spread (Lab): above = tinted
     max_text_area: float | None = None  # fraction of the image covered by OCR boxes
 
@@ -176,7 +178,9 @@ class CurateConfig:
             raise CurateError(f"{where}.kg: need 0 < weight_min <= 1 <= weight_max.")
         ep = self.editpairs
         if not -1.0 <= ep.sim_low < ep.sim_high <= 1.0:
-            raise CurateError(f"{where}.editpairs: need -1 <= sim_low < sim_high <= 1, got {ep.sim_low}, {ep.sim_high}.")
+            raise CurateError(
+                f"{where}.editpairs: need -1 <= sim_low < sim_high <= 1, got {ep.sim_low}, {ep.sim_high}."
+            )
         for name, spec in self.scores.items():
             if not isinstance(spec, dict) or "kind" not in spec:
                 raise CurateError(

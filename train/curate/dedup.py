@@ -59,6 +59,7 @@ def pixel_pairs(cols: dict, opts, valid: np.ndarray) -> dict[tuple[int, int], st
         for d, b in zip(dist[a], idx[a]):
             if b >= 0 and b != a and d <= opts.phash_max:
                 cands[(min(a, b), max(a, b))] = int(d)
+
     # crop-region descriptor neighbours: every region of every image against every image's whole view (so a
     # copy cropped from an image, or an image cropped into a copy, meets it), in chunks: bounded memory
     def thumb(a):
@@ -218,5 +219,7 @@ def run_dedup(manifest, out, cfg: CurateConfig, embeddings=None, ids=None) -> Pa
             indent=1,
         ),
     )
-    log.info("dedup: %d duplicates in %d clusters; %d of %d kept", sum(map(bool, duplicate_of)), len(summary), keep.sum(), n)
+    log.info(
+        "dedup: %d duplicates in %d clusters; %d of %d kept", sum(map(bool, duplicate_of)), len(summary), keep.sum(), n
+    )
     return dest

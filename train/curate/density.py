@@ -58,7 +58,12 @@ def run_density(out, cfg: CurateConfig, embeddings, ids, concepts=None, concept_
         rep["concepts"] = V.concept_voids(x, c, names, void_threshold)
         rep["voids"] = [d["concept"] for d in rep["concepts"] if d["images"] == 0]
     write_text(out / "density.json", json.dumps(rep, indent=1))
-    log.info("density: %d communities, %d sparse (%s)", len(rep["communities"]), len(rep["sparse"]), ", ".join(rep["sparse"][:5]))
+    log.info(
+        "density: %d communities, %d sparse (%s)",
+        len(rep["communities"]),
+        len(rep["sparse"]),
+        ", ".join(rep["sparse"][:5]),
+    )
     return {"density": str(out / "density.json"), "sparse": rep["sparse"][:20], "voids": rep.get("voids", [])}
 
 

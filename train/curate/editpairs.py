@@ -63,8 +63,8 @@ def run_combos(groups_file, out, cfg: CurateConfig) -> dict:
     gp = Path(groups_file).expanduser()
     if not gp.is_file():
         raise CurateError(
-            f"groups file '{gp}' does not exist (JSONL: {{\"source\": \"a.png\", \"edits\": [{{\"image\": "
-            "\"a_red.png\", \"instruction\": \"make it red\"}]}})."
+            f'groups file \'{gp}\' does not exist (JSONL: {{"source": "a.png", "edits": [{{"image": '
+            '"a_red.png", "instruction": "make it red"}]}}).'
         )
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -79,16 +79,27 @@ def run_combos(groups_file, out, cfg: CurateConfig) -> dict:
         except ValueError as e:
             raise CurateError(f"{where}: not valid JSON ({e}).") from e
         edits = rec.get("edits") if isinstance(rec, dict) else None
-        if not isinstance(rec, dict) or not isinstance(rec.get("source"), str) or not isinstance(edits, list) or not edits:
-            raise CurateError(f"{where}: needs \"source\" (an image) and \"edits\" (a non-empty list).")
+        if (
+            not isinstance(rec, dict)
+            or not isinstance(rec.get("source"), str)
+            or not isinstance(edits, list)
+            or not edits
+        ):
+            raise CurateError(f'{where}: needs "source" (an image) and "edits" (a non-empty list).')
         for e in edits:
-            if not isinstance(e, dict) or not isinstance(e.get("image"), str) or not str(e.get("instruction", "")).strip():
-                raise CurateError(f"{where}: each edit needs \"image\" and a non-empty \"instruction\".")
+            if (
+                not isinstance(e, dict)
+                or not isinstance(e.get("image"), str)
+                or not str(e.get("instruction", "")).strip()
+            ):
+                raise CurateError(f'{where}: each edit needs "image" and a non-empty "instruction".')
         paths = {}
         for p in [rec["source"]] + [e["image"] for e in edits]:
             full = (gp.parent / p) if not Path(p).is_absolute() else Path(p)
             if not full.is_file():
-                raise CurateError(f"{where}: image '{p}' not found (looked for '{full}'; paths are relative to the JSONL).")
+                raise CurateError(
+                    f"{where}: image '{p}' not found (looked for '{full}'; paths are relative to the JSONL)."
+                )
             paths[p] = full
         for src, tgt, instr, i, j in combo_pairs(rec["source"], edits):
             if instructor is not None and i and j:
@@ -160,7 +171,10 @@ def run_video(frames_dir, out, cfg: CurateConfig, embeddings=None, ids=None, mod
 
         emb = Embedder(model or cfg.embed.model, "frame embedding model (--model)")
         xs = np.concatenate(
-            [emb.images([Image.open(f).convert("RGB") for f in all_frames[c : c + 16]]) for c in range(0, len(all_frames), 16)]
+            [
+                emb.images([Image.open(f).convert("RGB") for f in all_frames[c : c + 16]])
+                for c in range(0, len(all_frames), 16)
+            ]
         )
     instructor = _instructor(cfg)
     lines, start = [], 0
@@ -174,7 +188,13 @@ def run_video(frames_dir, out, cfg: CurateConfig, embeddings=None, ids=None, mod
                 instr = "Show the same scene a moment later."
             lines.append(
                 json.dumps(
-                    {"source": _rel(fr[i], out), "target": _rel(fr[j], out), "instruction": instr, "key": f"{name}:{i}->{j}", "similarity": round(s, 4)}
+                    {
+                        "source": _rel(fr[i], out),
+                        "target": _rel(fr[j], out),
+                        "instruction": instr,
+                        "key": f"{name}:{i}->{j}",
+                        "similarity": round(s, 4),
+                    }
                 )
             )
         start += len(fr)
@@ -184,9 +204,43 @@ def run_video(frames_dir, out, cfg: CurateConfig, embeddings=None, ids=None, mod
 
 
 # ---- rendered text edits -----------------------------------------------------------------------------------
-WORDS = ["OPEN", "SALE", "CAFE", "HELLO", "BOOKS", "NORTH", "EXIT", "PIZZA", "HOTEL", "MUSIC", "GARDEN", "RIVER", "STOP", "TEA", "SUMMER", "LIGHT"]
-COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (20, 150, 40), "black": (15, 15, 15), "white": (250, 250, 250), "yellow": (245, 210, 20)}
-POSITIONS = {"top left": (0, 0), "top": (1, 0), "top right": (2, 0), "left": (0, 1), "centre": (1, 1), "right": (2, 1), "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2)}
+WORDS = [
+    "OPEN",
+    "SALE",
+    "CAFE",
+    "HELLO",
+    "BOOKS",
+    "NORTH",
+    "EXIT",
+    "PIZZA",
+    "HOTEL",
+    "MUSIC",
+    "GARDEN",
+    "RIVER",
+    "STOP",
+    "TEA",
+    "SUMMER",
+    "LIGHT",
+]
+COLOURS = {
+    "red": (220, 30, 30),
+    "blue": (30, 60, 220),
+    "green": (20, 150, 40),
+    "black": (15, 15, 15),
+    "white": (250, 250, 250),
+    "yellow": (245, 210, 20),
+}
+POSITIONS = {
+    "top left": (0, 0),
+    "top": (1, 0),
+    "top right": (2, 0),
+    "left": (0, 1),
+    "centre": (1, 1),
+    "right": (2, 1),
+    "bottom left": (0, 2),
+    "bottom": (1, 2),
+    "bottom right": (2, 2),
+}
 
 
 def find_fonts(cfg: CurateConfig) -> list[str | None]:
@@ -288,7 +342,11 @@ def run_text(out, cfg: CurateConfig, n: int, seed: int = 0, size: int = 512, bac
         sp, tp = img_dir / f"{i:06d}_src.png", img_dir / f"{i:06d}_tgt.png"
         src.save(sp)
         tgt.save(tp)
-        lines.append(json.dumps({"source": _rel(sp, out), "target": _rel(tp, out), "instruction": instr, "key": f"text:{i}", **meta}))
+        lines.append(
+            json.dumps(
+                {"source": _rel(sp, out), "target": _rel(tp, out), "instruction": instr, "key": f"text:{i}", **meta}
+            )
+        )
     dest = write_text(out / "pairs.jsonl", "\n".join(lines) + "\n")
     log.info("editpairs text: %d rendered pairs -> %s", n, dest)
     return {"pairs": str(dest), "count": n}

@@ -59,7 +59,7 @@ def run_embed(input_dir, out, cfg: CurateConfig, model=None) -> dict:
     model = model or cfg.embed.model
     if not model:
         raise CurateError(
-            "embed needs a CLIP or SigLIP2 folder: pass --model DIR or set [curate.embed] model = \"DIR\" "
+            'embed needs a CLIP or SigLIP2 folder: pass --model DIR or set [curate.embed] model = "DIR" '
             "(or skip this stage and give dedup --embeddings FILE.npy --ids FILE.txt)."
         )
     from .plugins import _need_folder
@@ -68,7 +68,11 @@ def run_embed(input_dir, out, cfg: CurateConfig, model=None) -> dict:
     out = Path(out).expanduser()
     items = list_images(input_dir)
     files = run_shards(
-        "embed", items, functools.partial(make_embedder, str(model), cfg.embed.batch), out, cfg,
+        "embed",
+        items,
+        functools.partial(make_embedder, str(model), cfg.embed.batch),
+        out,
+        cfg,
         f"{Path(model).resolve()}:{cfg.embed.batch}",
     )
     ids, chunks = [], []
@@ -77,7 +81,9 @@ def run_embed(input_dir, out, cfg: CurateConfig, model=None) -> dict:
         ids += t.column("id").to_pylist()
         chunks.append(np.asarray(t.column("vec").to_pylist(), dtype=np.float32))
     dim = max(c.shape[1] for c in chunks if c.ndim == 2)
-    x = np.concatenate([c if c.ndim == 2 and c.shape[1] == dim else np.zeros((len(c), dim), np.float32) for c in chunks])
+    x = np.concatenate(
+        [c if c.ndim == 2 and c.shape[1] == dim else np.zeros((len(c), dim), np.float32) for c in chunks]
+    )
     from .manifest import atomic_path
 
     tmp = atomic_path(out / "embeddings.npy")

@@ -37,7 +37,9 @@ def norm(text: str) -> str:
 def read_entities(path) -> dict[str, dict]:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise CurateError(f"entity file '{p}' does not exist (JSONL: {{\"entity\": ..., \"links\": [...], \"tags\": [...]}}).")
+        raise CurateError(
+            f'entity file \'{p}\' does not exist (JSONL: {{"entity": ..., "links": [...], "tags": [...]}}).'
+        )
     out: dict[str, dict] = {}
     for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -47,7 +49,7 @@ def read_entities(path) -> dict[str, dict]:
         except ValueError as e:
             raise CurateError(f"{p}:{n}: not valid JSON ({e}).") from e
         if not isinstance(rec, dict) or not isinstance(rec.get("entity"), str) or not rec["entity"].strip():
-            raise CurateError(f"{p}:{n}: each line needs \"entity\": a non-empty string.")
+            raise CurateError(f'{p}:{n}: each line needs "entity": a non-empty string.')
         for key in ("links", "tags"):
             v = rec.get(key, [])
             if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
@@ -108,7 +110,9 @@ def taxonomy(names: list[str], vecs: np.ndarray, branching: list[int], seed: int
         if k < 2 or len(idx) <= k:
             node["entities"] = [names[i] for i in idx]
             return node
-        km = f.Kmeans(vecs.shape[1], k, niter=25, seed=seed + level, min_points_per_centroid=1, max_points_per_centroid=100000)
+        km = f.Kmeans(
+            vecs.shape[1], k, niter=25, seed=seed + level, min_points_per_centroid=1, max_points_per_centroid=100000
+        )
         km.train(np.ascontiguousarray(vecs[idx]))
         _, assign = km.index.search(np.ascontiguousarray(vecs[idx]), 1)
         node["children"] = []
@@ -124,6 +128,7 @@ def taxonomy(names: list[str], vecs: np.ndarray, branching: list[int], seed: int
 
     vecs = normalise(vecs)
     tree = split(np.arange(len(names)), 0, [])
+
     def chain(n, ps):  # ancestors from the root down, without repeats and without the entity itself
         out = []
         for p in ps:
@@ -183,7 +188,9 @@ def run_kg(entities, out, cfg: CurateConfig, tag_embeddings=None, tag_ids=None, 
         row = {norm(t): i for i, t in enumerate(ids)}
         missing = [t for n in kept for t in tags[n] if norm(t) not in row]
         if missing:
-            raise CurateError(f"{len(missing)} tags have no row in '{tag_embeddings}' (e.g. {missing[:3]}); embed them all.")
+            raise CurateError(
+                f"{len(missing)} tags have no row in '{tag_embeddings}' (e.g. {missing[:3]}); embed them all."
+            )
         vecs = np.stack([x[[row[norm(t)] for t in tags[n]]].mean(axis=0) for n in kept])
     else:
         vecs = np.stack([hashed_embeddings(tags[n]).mean(axis=0) for n in kept])
@@ -205,7 +212,12 @@ def run_kg(entities, out, cfg: CurateConfig, tag_embeddings=None, tag_ids=None, 
         "taxonomy": tree,
     }
     write_text(out / "kg.json", json.dumps(result, indent=1, ensure_ascii=False))
-    log.info("kg: %d entities kept, %d pruned; taxonomy of %d top-level groups", len(kept), len(pruned), len(tree.get("children", [])))
+    log.info(
+        "kg: %d entities kept, %d pruned; taxonomy of %d top-level groups",
+        len(kept),
+        len(pruned),
+        len(tree.get("children", [])),
+    )
     return {"kg": str(out / "kg.json"), "kept": len(kept), "pruned": len(pruned)}
 
 
@@ -296,4 +308,8 @@ def run_balance(out, cfg: CurateConfig, kg_file) -> dict:
 
     rewrite(out / MANIFEST, out / MANIFEST, update)
     log.info("balance: weights %.3g..%.3g over %d kept images", w[keep].min() if keep.any() else 0, w.max(), keep.sum())
-    return {"manifest": str(out / MANIFEST), "weight_min": float(w[keep].min()) if keep.any() else None, "weight_max": float(w.max())}
+    return {
+        "manifest": str(out / MANIFEST),
+        "weight_min": float(w[keep].min()) if keep.any() else None,
+        "weight_max": float(w.max()),
+    }

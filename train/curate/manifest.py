@@ -29,9 +29,7 @@ def pa():
         import pyarrow
         import pyarrow.parquet  # noqa: F401
     except ImportError as e:
-        raise CurateError(
-            "the data engine needs pyarrow: pip install -e '.[curate]' (or pip install pyarrow)."
-        ) from e
+        raise CurateError("the data engine needs pyarrow: pip install -e '.[curate]' (or pip install pyarrow).") from e
     return pyarrow
 
 

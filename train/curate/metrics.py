@@ -50,7 +50,9 @@ def border_variance(rgb: np.ndarray, frac: float = 0.03) -> float:
     h, w = rgb.shape[:2]
     k = max(1, round(frac * min(h, w)))
     a = rgb.astype(np.float32)
-    strips = np.concatenate([a[:k].reshape(-1, 3), a[-k:].reshape(-1, 3), a[:, :k].reshape(-1, 3), a[:, -k:].reshape(-1, 3)])
+    strips = np.concatenate(
+        [a[:k].reshape(-1, 3), a[-k:].reshape(-1, 3), a[:, :k].reshape(-1, 3), a[:, -k:].reshape(-1, 3)]
+    )
     return float(strips.var(axis=0).mean())
 
 
@@ -138,7 +140,9 @@ def colour_cast(rgb: np.ndarray) -> float:
 THUMB = 48  # long side of the stored grey thumbnail
 GRID = 6
 # (size fraction, x anchor, y anchor): the whole image, then 90% and 95% crops at the corners and the centre.
-REGIONS = [(1.0, 0.5, 0.5)] + [(f, ax, ay) for f in (0.9, 0.95) for ax, ay in ((0, 0), (1, 0), (0, 1), (1, 1), (0.5, 0.5))]
+REGIONS = [(1.0, 0.5, 0.5)] + [
+    (f, ax, ay) for f in (0.9, 0.95) for ax, ay in ((0, 0), (1, 0), (0, 1), (1, 1), (0.5, 0.5))
+]
 
 
 def region_descriptors(thumb: np.ndarray) -> np.ndarray:

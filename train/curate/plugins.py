@@ -47,7 +47,7 @@ def load_entry(entry: str, what: str):
 def need_path(path, what: str, expect: str) -> Path:
     """The user-supplied file or folder ``path``, or one error saying what to put where."""
     if not path:
-        raise CurateError(f"{what}: no model path given; set path = \"...\" to {expect}.")
+        raise CurateError(f'{what}: no model path given; set path = "..." to {expect}.')
     p = Path(path).expanduser()
     if not p.exists():
         raise CurateError(f"{what}: '{p}' does not exist. Put {expect} at '{p}' (nothing is downloaded).")
@@ -239,7 +239,7 @@ def build_captioner(cfg: CurateConfig):
     spec = dict(cfg.caption)
     if "entry" not in spec:
         raise CurateError(
-            "[curate.caption]: give entry = \"module:function\" (your captioner's loader; it receives the other "
+            '[curate.caption]: give entry = "module:function" (your captioner\'s loader; it receives the other '
             "options, e.g. path = the VLM folder)."
         )
     return _plugin("[curate.caption]", spec)

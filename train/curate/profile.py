@@ -296,9 +296,7 @@ def run_profile(input_dir, out, cfg: CurateConfig) -> Path:
     out = Path(out).expanduser()
     items = list_images(input_dir)
     cfg_dict = cfg.to_dict()
-    files = run_shards(
-        "profile", items, functools.partial(make_profiler, cfg_dict), out, cfg, profile_options(cfg)
-    )
+    files = run_shards("profile", items, functools.partial(make_profiler, cfg_dict), out, cfg, profile_options(cfg))
     dest = merge(files, out / MANIFEST)
     log.info("profile: %d images -> %s", len(items), dest)
     return dest

@@ -50,7 +50,7 @@ def _thumb(path: str, side: int = 112) -> str | None:
 def _card(path: str, caption: str) -> str:
     src = _thumb(path)
     img = f'<img src="{src}">' if src else '<div class="bad">no preview</div>'
-    return f'<figure>{img}<figcaption>{html.escape(caption)}</figcaption></figure>'
+    return f"<figure>{img}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
 def svg_histogram(values, title: str, log: bool = False, bins: int = 30, width: int = 320, height: int = 150) -> str:
@@ -119,7 +119,9 @@ def write_report(out, max_clusters: int = 12, max_rejects: int = 40) -> Path:
     if dd.is_file():
         info = json.loads(dd.read_text(encoding="utf-8"))
         path_of = dict(zip(cols["id"], cols["path"]))
-        parts.append(f"<h2>Duplicate clusters</h2><p>{info['duplicates']} duplicates in {len(info['clusters'])} clusters; largest first.</p>")
+        parts.append(
+            f"<h2>Duplicate clusters</h2><p>{info['duplicates']} duplicates in {len(info['clusters'])} clusters; largest first.</p>"
+        )
         for c in info["clusters"][:max_clusters]:
             cards = [_card(path_of.get(c["kept"], ""), "kept: " + c["kept"])]
             cards += [_card(path_of.get(d, ""), d) for d in c["duplicates"][:9]]
@@ -132,18 +134,25 @@ def write_report(out, max_clusters: int = 12, max_rejects: int = 40) -> Path:
     if "community" in cols and any(c is not None and c >= 0 for c in cols["community"]):
         sizes = Counter(c for c in cols["community"] if c is not None and c >= 0)
         big = sizes.most_common(25)
-        parts.append("<h2>Communities</h2>" + svg_bars([f"community {c}" for c, _ in big], [v for _, v in big], f"{len(sizes)} communities, largest 25"))
+        parts.append(
+            "<h2>Communities</h2>"
+            + svg_bars([f"community {c}" for c, _ in big], [v for _, v in big], f"{len(sizes)} communities, largest 25")
+        )
     dens = out / "density.json"
     if dens.is_file():
         info = json.loads(dens.read_text(encoding="utf-8"))
         items = "".join(f"<li>{html.escape(s)}</li>" for s in info.get("sparse", [])[:30])
         parts.append(f"<h2>Sparse regions</h2><ul>{items}</ul>")
         if info.get("voids"):
-            parts.append("<h3>Concept voids</h3><ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in info["voids"]) + "</ul>")
+            parts.append(
+                "<h3>Concept voids</h3><ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in info["voids"]) + "</ul>"
+            )
     if "weight" in cols:
         w = [x for x in cols["weight"] if x]
         if w:
-            parts.append(f"<p>sampling weights: min {min(w):.3g}, median {float(np.median(w)):.3g}, max {max(w):.3g}; entropy of the mix {(-sum(x / sum(w) * math.log(x / sum(w)) for x in w)):.3g} nats</p>")
+            parts.append(
+                f"<p>sampling weights: min {min(w):.3g}, median {float(np.median(w)):.3g}, max {max(w):.3g}; entropy of the mix {(-sum(x / sum(w) * math.log(x / sum(w)) for x in w)):.3g} nats</p>"
+            )
     return write_text(out / "report.html", "\n".join(parts))
 
 

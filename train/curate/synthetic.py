@@ -88,7 +88,9 @@ DUPLICATE_KINDS = ("exact", "resized", "recompressed", "cropped", "jittered")
 DEGRADED_KINDS = ("blurred", "compressed", "bordered", "flat")
 
 
-def planted_embeddings(rng: np.random.Generator, n_clusters: int, per_cluster: int, dim: int = 64, spread: float = 0.35):
+def planted_embeddings(
+    rng: np.random.Generator, n_clusters: int, per_cluster: int, dim: int = 64, spread: float = 0.35
+):
     """(vectors [n, dim], labels [n]): unit vectors around ``n_clusters`` random centres."""
     centres = rng.normal(size=(n_clusters, dim))
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)

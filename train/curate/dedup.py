@@ -52,7 +52,7 @@ def pixel_pairs(cols: dict, opts, valid: np.ndarray) -> dict[tuple[int, int], st
     cands: dict[tuple[int, int], int | None] = {}
     # pHash Hamming neighbours
     bits = _phash_bits([cols["phash"][r] for r in rows])
-    bindex = f.IndexBinaryFlat(64) if n <= opts.exact_limit else f.IndexBinaryHNSW(64, 16)
+    bindex = f.IndexBinaryFlat(64) if n <= 20 * opts.exact_limit else f.IndexBinaryHNSW(64, 16)  # popcounts are cheap
     bindex.add(bits)
     dist, idx = bindex.search(bits, k + 1)
     for a in range(n):
@@ -65,13 +65,15 @@ def pixel_pairs(cols: dict, opts, valid: np.ndarray) -> dict[tuple[int, int], st
     def thumb(a):
         return thumb_array(cols["thumb"][int(rows[a])]).astype(np.float32)
 
-    full = np.zeros((n, M.GRID * M.GRID), np.float32)
+    regions = np.zeros((n, len(M.REGIONS), M.GRID * M.GRID), np.float16)  # ~0.8 kB per image
     for a in range(n):
-        full[a] = M.region_descriptors(thumb(a))[0]
-    index = V.make_index(full, opts)
-    chunk = 2048
+        regions[a] = M.region_descriptors(thumb(a))
+    index = V.make_index(np.ascontiguousarray(regions[:, 0], dtype=np.float32), opts)
+    if hasattr(index, "hnsw"):
+        index.hnsw.efSearch = 64
+    chunk = 4096
     for c0 in range(0, n, chunk):
-        regs = np.stack([M.region_descriptors(thumb(a)) for a in range(c0, min(n, c0 + chunk))])
+        regs = regions[c0 : c0 + chunk].astype(np.float32)
         nr = regs.shape[1]
         sims, idx = index.search(np.ascontiguousarray(regs.reshape(-1, regs.shape[2])), k + 1)
         sims, idx = sims.reshape(len(regs), nr * (k + 1)), idx.reshape(len(regs), nr * (k + 1))

@@ -217,6 +217,7 @@ def main() -> None:
     ap.add_argument("--ocr-subset", type=int, default=120, help="images in the with-OCR throughput runs")
     ap.add_argument("--rows", default="10000,100000", help="synthetic manifest sizes for the memory runs")
     ap.add_argument("--dedup-rows", default="10000,100000", help="sizes at which dedup's memory is measured")
+    ap.add_argument("--no-throughput", action="store_true", help="skip the throughput runs")
     ap.add_argument("--workdir")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -275,12 +276,13 @@ def main() -> None:
     for p in sorted(root.iterdir())[: args.ocr_subset]:
         (sub / p.name).write_bytes(p.read_bytes())
     thr = {}
-    for name, src, n, engine, ocr in [
+    runs = [
         ("plain loop, no OCR", root, n_files, "local", False),
         ("local Ray, no OCR", root, n_files, "ray", False),
         ("plain loop, with OCR", sub, args.ocr_subset, "local", True),
         ("local Ray, with OCR", sub, args.ocr_subset, "ray", True),
-    ]:
+    ]
+    for name, src, n, engine, ocr in [] if args.no_throughput else runs:
         s, run = timed_profile(src, work / f"thr-{engine}-{ocr}", engine, ocr)
         thr[name] = {"images": n, "seconds": s, "images_per_s": n / s, "images_per_s_after_start": n / run}
         print(

@@ -132,3 +132,23 @@ def test_resume_skips_finished_shards(tmp_path, dup_set, monkeypatch):
     assert calls == []
     run_profile(root, tmp_path, cfg(shard_size=3, filters={"min_sharpness": 99.0}))  # options changed: all again
     assert calls == [3, 3, 3, 2]
+
+
+def test_run_and_report(tmp_path, dup_set):
+    root, truth = dup_set
+    (tmp_path / "c.toml").write_text("[curate]\nocr = false\n")
+    rng = np.random.default_rng(0)
+    ids = sorted(p.name for p in root.iterdir())
+    np.save(tmp_path / "e.npy", rng.normal(size=(len(ids), 8)).astype(np.float32))
+    (tmp_path / "ids.txt").write_text("\n".join(ids))
+    out = tmp_path / "o"
+    args = ["run", "--input", str(root), "--out", str(out), "--config", str(tmp_path / "c.toml")]
+    assert main([*args, "--embeddings", str(tmp_path / "e.npy"), "--ids", str(tmp_path / "ids.txt"), "-q"]) == 0
+    page = (out / "report.html").read_text()
+    assert "<svg" in page and page.count("data:image/jpeg;base64,") >= 2 * len(truth)
+    assert "Duplicate clusters" in page and "Sparse regions" in page and "sharpness" in page
+    import json
+
+    info = json.loads((out / "dedup.json").read_text())
+    assert info["duplicates"] == len(truth) and info["images"] == len(ids)
+    assert json.loads((out / "density.json").read_text())["communities"]

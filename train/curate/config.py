@@ -41,7 +41,7 @@ class Filters:
     min_sharpness: float | None = 10.0  # variance of the Laplacian at the working size: below = blurred
     max_noise: float | None = None  # Immerkaer noise sigma (grey levels)
     max_border_score: float | None = 0.75  # fraction of sides framed by a uniform band (0, .25, ..., 1)
-    max_blockiness: float | None = 1.6  # JPEG 8x8-grid edge strength / elsewhere: above = over-compressed
+    max_blockiness: float | None = 2.2  # JPEG 8x8-grid edge strength / elsewhere: above = over-compressed
     max_compression_ratio: float | None = None  # ideal raw bytes / file bytes (lossy formats)
     min_jpeg_bytes_per_pixel: float | None = (
         None  # bytes per pixel of a q=75 JPEG re-encode: below = little information

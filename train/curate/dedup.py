@@ -49,7 +49,7 @@ def pixel_pairs(cols: dict, opts, valid: np.ndarray) -> dict[tuple[int, int], st
     if n < 2:
         return {}
     k = min(opts.candidates, n - 1)
-    cands: dict[tuple[int, int], int | None] = {}
+    cands: dict[tuple[int, int], int | tuple] = {}  # pHash distance, or (image, region, image) of the match
     # pHash Hamming neighbours
     bits = _phash_bits([cols["phash"][r] for r in rows])
     bindex = f.IndexBinaryFlat(64) if n <= 20 * opts.exact_limit else f.IndexBinaryHNSW(64, 16)  # popcounts are cheap
@@ -80,20 +80,26 @@ def pixel_pairs(cols: dict, opts, valid: np.ndarray) -> dict[tuple[int, int], st
         for q in range(len(regs)):
             a = c0 + q
             order = np.argsort(-sims[q], kind="stable")
-            owners = []
+            owners: dict[int, int] = {}
             for o in order:
                 b, sv = int(idx[q, o]), sims[q, o]
                 if sv < opts.candidate_min or len(owners) >= k:
                     break
                 if b >= 0 and b != a and b not in owners:
-                    owners.append(b)
-            for b in owners:
-                cands.setdefault((min(a, b), max(a, b)), None)
+                    owners[b] = int(o) // (k + 1)  # which region of a matched b's whole view
+            for b, r in owners.items():
+                cands.setdefault((min(a, b), max(a, b)), (a, r, b))
     rgb = np.stack([np.array([cols["mean_r"][r], cols["mean_g"][r], cols["mean_b"][r]]) for r in rows])
     out = {}
     for (a, b), hd in sorted(cands.items()):
         ra, rb = int(rows[a]), int(rows[b])
-        if hd is None:
+        if isinstance(hd, tuple):  # a cheap finer look at the matched region first (most candidates end here)
+            qa, r, qb = hd
+            fine = float(
+                M.region_descriptor(thumb(qa), M.REGIONS[r], 12) @ M.region_descriptor(thumb(qb), M.REGIONS[0], 12)
+            )
+            if fine < 0.6 and cols["sha1"][ra] != cols["sha1"][rb]:
+                continue
             hd = _popcount(bits[a], bits[b])
         if cols["sha1"][ra] == cols["sha1"][rb]:
             out[(ra, rb)] = "identical bytes"

@@ -145,26 +145,29 @@ REGIONS = [(1.0, 0.5, 0.5)] + [
 ]
 
 
-def region_descriptors(thumb: np.ndarray) -> np.ndarray:
-    """[len(REGIONS), GRID*GRID] zero-mean unit vectors of the thumbnail's crops (row 0: the whole image).
-
-    A crop of up to 10% of an image is close to one of the original's region descriptors, so a k-NN of each
-    image's whole-image row against every region row finds crops as well as resized and re-encoded copies.
-    """
+def region_descriptor(thumb: np.ndarray, region: tuple[float, float, float], grid: int = GRID) -> np.ndarray:
+    """The zero-mean unit vector of one crop ``(size fraction, x anchor, y anchor)`` at ``grid`` x ``grid``."""
     import cv2
 
     t = thumb.astype(np.float32)
     h, w = t.shape
-    out = np.zeros((len(REGIONS), GRID * GRID), np.float32)
-    for i, (f, ax, ay) in enumerate(REGIONS):
-        cw, ch = w * f, h * f
-        x0, y0 = (w - cw) * ax, (h - ch) * ay
-        sub = t[round(y0) : max(round(y0 + ch), round(y0) + 1), round(x0) : max(round(x0 + cw), round(x0) + 1)]
-        v = cv2.resize(sub, (GRID, GRID), interpolation=cv2.INTER_AREA).ravel()
-        v -= v.mean()
-        n = np.linalg.norm(v)
-        out[i] = v / n if n > 1e-3 else 0.0
-    return out
+    f, ax, ay = region
+    cw, ch = w * f, h * f
+    x0, y0 = (w - cw) * ax, (h - ch) * ay
+    sub = t[round(y0) : max(round(y0 + ch), round(y0) + 1), round(x0) : max(round(x0 + cw), round(x0) + 1)]
+    v = cv2.resize(sub, (grid, grid), interpolation=cv2.INTER_AREA).ravel()
+    v -= v.mean()
+    n = np.linalg.norm(v)
+    return v / n if n > 1e-3 else np.zeros_like(v)
+
+
+def region_descriptors(thumb: np.ndarray) -> np.ndarray:
+    """[len(REGIONS), GRID*GRID] zero-mean unit vectors of the thumbnail's crops (row 0: the whole image).
+
+    A crop of up to 10% of an image is close to one of the original's region descriptors, so a k-NN of each
+    region against every image's whole-image row finds crops as well as resized and re-encoded copies.
+    """
+    return np.stack([region_descriptor(thumb, r) for r in REGIONS])
 
 
 def crop_match(a: np.ndarray, b: np.ndarray, lo: float = 0.86) -> float:

@@ -57,7 +57,7 @@ def need_path(path, what: str, expect: str) -> Path:
 def _need_folder(path, what: str, files: list[str], expect: str) -> Path:
     p = need_path(path, what, expect)
     missing = [f for f in files if not (p / f).is_file()]
-    if p.is_dir() and not missing and any(p.glob("*.safetensors")) | any(p.glob("*.bin")):
+    if p.is_dir() and not missing and (any(p.glob("*.safetensors")) or any(p.glob("*.bin"))):
         return p
     if p.is_dir() and not missing:
         missing = ["model.safetensors (the weights)"]

@@ -407,3 +407,18 @@ def test_text_encoder_fp8_file_keeps_fp8_linears(tmp_path, te_files):
     ref = TextEncoder.load(path, tokenizer=tok).encode(PROMPTS)
     for a, b in zip(te.encode(PROMPTS), ref):
         assert cos(a, b) > 0.99
+
+
+def test_scratch_buffer_serves_inference_mode_and_no_grad_alike():
+    from zimage_core.quant.linear import Workspace
+
+    ws = Workspace()
+    with torch.inference_mode():
+        a = ws.get((4, 8), torch.float32, torch.device("cpu"))
+        a.fill_(1.0)
+    with torch.no_grad():
+        b = ws.get((4, 8), torch.float32, torch.device("cpu"))
+        b.fill_(2.0)  # a buffer made under inference mode would refuse this in-place write
+    assert not b.is_inference()
+    with torch.inference_mode():
+        assert ws.get((2, 8), torch.float32, torch.device("cpu")).is_inference()

@@ -46,7 +46,8 @@ class Workspace:
     def get(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         n = shape[0] * shape[1]
         buf = self._buffers.get((device, dtype))
-        if buf is None or buf.numel() < n:
+        # A buffer made under inference mode cannot be written outside it (and vice versa): remake it then.
+        if buf is None or buf.numel() < n or buf.is_inference() != torch.is_inference_mode_enabled():
             buf = self._buffers[(device, dtype)] = torch.empty(n, dtype=dtype, device=device)
         return buf[:n].view(shape)
 

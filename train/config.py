@@ -145,6 +145,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     samples: SampleSection = field(default_factory=SampleSection)
     export: ExportSection = field(default_factory=ExportSection)
+    rl: dict = field(default_factory=dict)  # RL post-training (train.rl.config.RLConfig); replaces [data]
 
     @property
     def out_dir(self) -> Path:
@@ -208,7 +209,11 @@ class TrainConfig:
             raise ConfigError(f"export.layout '{self.export.layout}' must be comfyui, diffusers or zimage.")
         if self.export.dtype not in ("bf16", "fp16", "fp32"):
             raise ConfigError(f"export.dtype '{self.export.dtype}' must be bf16, fp16 or fp32.")
-        if not self.data:
+        if self.rl:
+            from train.rl.config import rl_config
+
+            rl_config(self.rl, self.max_steps)
+        elif not self.data:
             raise ConfigError("the [data] section is missing; give at least data.sources.")
 
 

@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=float, default=1.0, help="minutes between evaluations (0 = end only)")
     ap.add_argument("--only", default="grpo,grpo_kl,dpo", help="runs to do, comma-separated")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate of every RL run (default: per method)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an [rl] override (TOML value)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", help="keep the work folder here")
     ap.add_argument("--json", default=str(ROOT / "bench" / "rl_results.json"))
@@ -192,7 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in [n for n in args.only.split(",") if n]:
             method, extra = runs[name]
             extra = {**(common if method == "grpo" else {}), **extra}
+            from train.config import parse_value
+
+            extra.update({k: parse_value(v) for k, _, v in (o.partition("=") for o in args.set)})
             tree = rl_tree(work, base, name, method, args.reward, args.seed, extra)
+            if args.lr:
+                tree["optim"]["lr"] = args.lr
             print(f"{name}: {json.dumps(tree['rl'])}")
             res = run_rl(tree, args.minutes, judge, args.eval_every)
             res["config"] = tree["rl"]

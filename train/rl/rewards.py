@@ -157,7 +157,10 @@ class FunctionReward(Reward):
         self.name, self.fn = spec, load_function(spec, where)
 
     def score(self, images, prompts, keys):
-        return self.fn(images, prompts)
+        try:
+            return self.fn(images, prompts)
+        except Exception as e:  # noqa: BLE001 - name the plug-in that failed; the traceback stays attached
+            raise RewardError(f"reward function '{self.name}' failed: {type(e).__name__}: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------

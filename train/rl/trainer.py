@@ -24,7 +24,6 @@ import logging
 import math
 import random
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,10 +32,10 @@ from zimage_core.errors import ZImageError
 from zimage_core.sampling import cfg_combine, sde_scale, sde_step
 from zimage_core.schedules import img2img_sigmas, model_t
 
-from .. import checkpoint as ck
 from ..ema import EMA
 from ..objective import FlowModel, sample_sigmas
-from ..trainer import LRSchedule, Trainer, make_optimizer
+from ..runner import MAIN, Unit, make_optimizer, make_schedule
+from ..trainer import Trainer
 from . import dpo as D
 from . import grpo as G
 from .config import RLConfig, rl_config
@@ -129,31 +128,21 @@ class PairSampler:
 
 
 class RLTrainer(Trainer):
-    """``RLTrainer(cfg).train()`` for a configuration with an ``[rl]`` section."""
+    """``RLTrainer(cfg).train()`` for a configuration with an ``[rl]`` section.
+
+    A :class:`train.trainer.Trainer` (so a :class:`train.runner.RunBase`) whose :meth:`build` makes the policy,
+    the reference, the rewards and the prompt or pair sampler instead of a data cache; the samples, the export
+    and the checkpoint metadata are the trainer's.
+    """
 
     def __init__(self, cfg, resume=None, progress: bool = True):
         super().__init__(cfg, resume, progress)
         self.rl: RLConfig = rl_config(cfg.rl, cfg.max_steps)
 
-    # ---- set-up ---------------------------------------------------------------------------------
-    def setup(self) -> None:
-        cfg, rl = self.cfg, self.rl
-        self.acc = acc = self._accelerator()
-        self.device = acc.device
-        self.rank, self.world = acc.process_index, acc.num_processes
-        self.out = cfg.out_dir
-        self.ckpt_root = self.out / "checkpoints"
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            ck.clean_stale(self.ckpt_root)
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        acc.wait_for_everyone()
-        random.seed(cfg.seed + self.rank)
-        np.random.seed((cfg.seed + self.rank) % 2**32)
-        torch.manual_seed(cfg.seed + self.rank)
-        self.noise_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * (self.rank + 1))
+    # ---- set-up (the run infrastructure is train.runner.RunBase's) --------------------------------
+    def build(self) -> None:
+        cfg, rl, acc = self.cfg, self.rl, self.acc
         self.prompts, given_levels = rl.load_prompts()
-
         self._encode(cfg)
         from ..lora_train import add_lora
         from ..model import build_dit
@@ -175,10 +164,7 @@ class RLTrainer(Trainer):
         self.dit_config = dit.cfg
         names = {n for n, p in dit.named_parameters() if p.requires_grad}
         self.optimizer = make_optimizer([p for p in dit.parameters() if p.requires_grad], cfg.optim)
-        o = cfg.optim
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, LRSchedule(o.warmup_steps, cfg.max_steps, o.schedule, o.min_lr_ratio)
-        )
+        self.schedule = make_schedule(self.optimizer, cfg.optim, cfg.max_steps)  # stepped by hand
         self.model, self.optimizer = acc.prepare(FlowModel(dit), self.optimizer)
         self.sharded = acc.is_fsdp2 if hasattr(acc, "is_fsdp2") else False
         if self.sharded:
@@ -187,20 +173,15 @@ class RLTrainer(Trainer):
         self.params = {n: p for n, p in self.dit.named_parameters() if n in names}
         e = cfg.ema
         self.ema = EMA(self.params, e.decay, e.start_step, e.every, e.warmup) if e.enabled else None
+        self.units[MAIN] = Unit(self.params, self.optimizer, self.schedule, self.ema, self.model, self.sharded)
         self.pipe = make_pipeline(self.dit, self.vae, self.device, rl.memory)
         self.sigmas = img2img_sigmas(rl.steps, rl.shift, 1.0).tolist()
-        self.writer = self._tensorboard() if acc.is_main_process else None
+        self.step_rng = random.Random(cfg.seed * 13 + self.rank)
         if rl.method == "grpo":
             self.rewards = build_rewards(rl.rewards)
             self.batches = PromptSampler(len(self.prompts), cfg.seed * 7 + self.rank)
-            self.step_rng = random.Random(cfg.seed * 13 + self.rank)
         else:
             self._prepare_pairs(given_levels)
-        if self.resume is True and ck.latest_checkpoint(self.ckpt_root) is None:
-            log.info("--resume: %s holds no checkpoint yet; starting from step 0", self.ckpt_root)
-        elif self.resume:
-            self.load(ck.resolve_checkpoint(self.out if self.resume is True else self.resume))
-        self._ready = True
 
     def _encode(self, cfg) -> None:
         """Encode the prompts (and the negative, with CFG) and the sample prompts, then free the text encoder."""
@@ -286,7 +267,7 @@ class RLTrainer(Trainer):
         }
         log.info("DPO: %d pairs from %d candidates of %d prompts", len(order), len(records), len(self.prompts))
         if acc.is_main_process:
-            self._log({"step": self.step, **{f"dpo/{k}": v for k, v in self.pair_stats.items()}})
+            self.log_metrics({"step": self.step, **{f"dpo/{k}": v for k, v in self.pair_stats.items()}})
 
     def _score_candidates(self, records: list[dict], latents: dict) -> dict[str, torch.Tensor]:
         out: dict[str, list] = {}
@@ -300,18 +281,13 @@ class RLTrainer(Trainer):
         restore_placement(self.pipe, self.dit, self.device)
         return {k: torch.cat(v) for k, v in out.items()}
 
-    # ---- checkpoints: the trainer's, with this run's sampler and step RNG ------------------------
-    def _rank_state(self) -> dict:
-        st = super()._rank_state()
-        if getattr(self, "step_rng", None) is not None:
-            st["step_rng"] = self.step_rng.getstate()
-        return st
+    # ---- per-process state beyond the base's: the sampler position and the step-subset RNG ----------
+    def rank_extra(self) -> dict:
+        return {"data": self.batches.state_dict(), "step_rng": self.step_rng.getstate()}
 
-    def load(self, path: Path) -> None:
-        super().load(path)
-        rs = ck.read_rank_state(path, self.rank) or ck.read_rank_state(path, 0)
-        if getattr(self, "step_rng", None) is not None and "step_rng" in rs:
-            self.step_rng.setstate(rs["step_rng"])
+    def load_rank_extra(self, state: dict) -> None:
+        self.batches.load_state_dict(state["data"])
+        self.step_rng.setstate(state["step_rng"])
 
     # ---- model calls ----------------------------------------------------------------------------
     def _raw(self, model, x: torch.Tensor, sigma: torch.Tensor, caps: list[torch.Tensor]) -> torch.Tensor:

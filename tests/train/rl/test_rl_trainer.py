@@ -201,3 +201,19 @@ def test_entry_point_and_config_errors(tmp_path, policy, capsys, monkeypatch):
     over = tiny(tmp_path / "z", policy, rl__rewards='[{function = "builtins:len"}]')
     with pytest.raises(Exception, match="reward function 'builtins:len' failed: TypeError"):
         make("rl_dpo_synthetic.toml", over).train()
+
+
+def test_rollouts_through_a_memory_mode_equal_plain_ones(tmp_path, policy):
+    runs = {}
+    for mode in ("", "block-swap:1"):
+        trainer = make(
+            "rl_grpo_synthetic.toml",
+            tiny(tmp_path / (mode or "plain").replace(":", "_"), policy, rl__memory=f"'{mode}'"),
+        )
+        trainer.setup()
+        ro = trainer.grpo_rollout()[0]
+        loss, _ = trainer.train_step()  # the DiT is back in place for the update
+        runs[mode] = (ro, loss)
+    (a, la), (b, lb) = runs[""], runs["block-swap:1"]
+    assert torch.equal(a.latents, b.latents) and all(torch.equal(x, y) for x, y in zip(a.log_probs, b.log_probs))
+    assert la == lb

@@ -47,6 +47,14 @@ SIZE = learn.SIZE
 SHIFT = round(math.exp(dynamic_mu((SIZE // 16) ** 2)), 3)  # the shift the base was trained around
 
 
+_NOISE = torch.Generator().manual_seed(12345)
+
+
+def noise_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """A reward of pure noise (the control run: what GRPO's updates do to the model with no signal at all)."""
+    return torch.rand(images.shape[0], generator=_NOISE)
+
+
 def load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -94,6 +102,54 @@ class Judge:
         return {"reward": float(r.mean()), "reward_std": float(r.std()), "accuracy": acc}
 
 
+def ocr_proof() -> list[dict]:
+    """The OCR reward on words rendered with PIL: exact, misspelt and blurred, English and (with a CJK font)
+    Chinese."""
+    from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+    from train.rl.ocr import OCRReward
+
+    fonts = {
+        "en": "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
+        "zh": "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+    }
+    cases = [
+        ("en", 'a shop sign that says "BAKERY"', "BAKERY", 0),
+        ("en", 'a shop sign that says "BAKERY"', "BAKREY", 0),
+        ("en", 'a shop sign that says "BAKERY"', "BAKER", 0),
+        ("en", 'a shop sign that says "BAKERY"', "BAKERY", 4),
+        ("en", 'a shop sign that says "BAKERY"', "BAKERY", 8),
+        ("en", 'a poster reading "Hello World"', "Hello World", 0),
+        ("en", 'a poster reading "Hello World"', "Hello Wrld", 0),
+        ("zh", "一张写着“欢迎光临”的海报", "欢迎光临", 0),
+        ("zh", "一张写着“欢迎光临”的海报", "欢迎光明", 0),
+        ("zh", "一张写着“欢迎光临”的海报", "欢迎光临", 8),
+    ]
+    reward, rows = OCRReward(), []
+    for lang, prompt, text, blur in cases:
+        if not Path(fonts[lang]).is_file():
+            rows.append({"prompt": prompt, "rendered": text, "blur": blur, "score": None, "note": "no font"})
+            continue
+        img = Image.new("RGB", (320, 96), "white")
+        ImageDraw.Draw(img).text((12, 24), text, fill="black", font=ImageFont.truetype(fonts[lang], 40))
+        if blur:
+            img = img.filter(ImageFilter.GaussianBlur(blur))
+        x = torch.from_numpy(__import__("numpy").array(img)).permute(2, 0, 1).float()[None] / 255
+        t0 = time.perf_counter()
+        score = float(reward(x, [prompt])[0])
+        rows.append(
+            {
+                "prompt": prompt,
+                "rendered": text,
+                "blur": blur,
+                "score": round(score, 3),
+                "ms": round(1000 * (time.perf_counter() - t0)),
+            }
+        )
+        print(f"  OCR {text!r:>14} blur {blur}: {score:.3f}  ({prompt})")
+    return rows
+
+
 def rl_tree(work: Path, base: Path, name: str, method: str, reward: str, seed: int, extra: dict) -> dict:
     rl = {
         "method": method,
@@ -113,24 +169,30 @@ def rl_tree(work: Path, base: Path, name: str, method: str, reward: str, seed: i
         "max_steps": 100_000,
         "log_every": 10,
         "model": {"text_encoder": "random-tiny", "vae": "random-tiny", "encoder_seed": seed},
-        "optim": {"lr": 3e-4 if method == "grpo" else 1e-4, "weight_decay": 0.0, "grad_clip": 1.0},
+        "optim": {"lr": 1e-3 if method == "grpo" else 1e-4, "weight_decay": 0.0, "grad_clip": 1.0},
         "checkpoint": {"every": 0},
         "export": {"final": False},
         "rl": rl,
     }
 
 
+TRACKED = ("loss", "dpo_accuracy", "margin", "kl", "approx_kl", "clipfrac", "reward/total")
+
+
 def run_rl(tree: dict, minutes: float, judge: Judge, every: float) -> dict:
     trainer = RLTrainer(config_from_dict(tree), progress=False)
     trainer.setup()
-    t0, curve, rewards = time.perf_counter(), [], []
+    t0, curve, rewards, infos = time.perf_counter(), [], [], []
     next_eval = every
     while time.perf_counter() - t0 < minutes * 60:
-        _, info = trainer.train_step()
+        loss, info = trainer.train_step()
         rewards.append(info.get("reward/total", float("nan")))
+        infos.append({"loss": loss, **{k: v for k, v in info.items() if isinstance(v, (int, float))}})
         if every and time.perf_counter() - t0 >= next_eval * 60:
             m = judge(trainer.dit)
-            curve.append({"minutes": round((time.perf_counter() - t0) / 60, 2), "step": trainer.step, **m})
+            recent = infos[-max(1, len(infos) // 4) :]
+            train = {k: round(sum(i[k] for i in recent) / len(recent), 5) for k in recent[-1] if k in TRACKED}
+            curve.append({"minutes": round((time.perf_counter() - t0) / 60, 2), "step": trainer.step, **m, **train})
             print(f"  {tree['name']} {curve[-1]}")
             next_eval += every
     seconds = time.perf_counter() - t0
@@ -153,13 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-minutes", type=float, default=3.0)
     ap.add_argument("--minutes", type=float, default=3.0, help="time budget of each RL run")
     ap.add_argument("--reward", default="contrast", choices=sorted(STATISTICS))
-    ap.add_argument("--kl", type=float, default=0.05, help="kl_beta of the regularised GRPO run")
+    ap.add_argument("--kl", type=float, default=1.0, help="kl_beta of the regularised GRPO run")
     ap.add_argument("--seeds", type=int, default=8, help="evaluation seeds per caption")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=float, default=1.0, help="minutes between evaluations (0 = end only)")
-    ap.add_argument("--only", default="grpo,grpo_kl,dpo", help="runs to do, comma-separated")
+    ap.add_argument("--only", default="grpo,grpo_kl,grpo_noise,dpo", help="runs to do, comma-separated")
     ap.add_argument("--lr", type=float, default=None, help="learning rate of every RL run (default: per method)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an [rl] override (TOML value)")
+    ap.add_argument("--ocr", action="store_true", help="only the OCR reward check on PIL-rendered words")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", help="keep the work folder here")
     ap.add_argument("--json", default=str(ROOT / "bench" / "rl_results.json"))
@@ -167,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     report = {"machine": cpu_name(), "torch": torch.__version__, "threads": args.threads, "reward": args.reward}
     print(f"{report['machine']}, {load()}")
+    if args.ocr:
+        report["ocr"] = ocr_proof()
+        Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        return 0
     with tempfile.TemporaryDirectory(prefix="zimage-rl-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -182,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = {
             "grpo": ("grpo", {"kl_beta": 0.0}),
             "grpo_kl": ("grpo", {"kl_beta": args.kl}),
+            # control: a reward of pure noise, to tell drift from reward hacking
+            "grpo_noise": ("grpo", {"kl_beta": 0.0, "rewards": [{"function": "rl:noise_reward", "weight": 1.0}]}),
             "dpo": ("dpo", {"candidates": 16, "pairs_per_prompt": 8, "batch": 8, "beta": 2000.0}),
         }
         common = {
@@ -189,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
             "prompts_per_step": 4,
             "eta": 0.7,
             "clip_range": 0.2,
-            "updates_per_rollout": 2,
+            "updates_per_rollout": 1,
+            "train_steps": "window",
+            "window_size": 3,
+            "window_shift_every": 10,
         }
         for name in [n for n in args.only.split(",") if n]:
             method, extra = runs[name]

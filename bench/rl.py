@@ -55,6 +55,16 @@ def noise_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     return torch.rand(images.shape[0], generator=_NOISE)
 
 
+def left_right(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """A plug-in reward: the left half's mean luminance minus the right half's (differentiable)."""
+    lum = (images * images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1)
+    w = lum.shape[-1] // 2
+    return lum[..., :w].mean(dim=(1, 2)) - lum[..., w:].mean(dim=(1, 2))
+
+
+REWARDS = {**STATISTICS, "left_right": left_right}
+
+
 def load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -87,7 +97,7 @@ class Judge:
         train_lat = learn.class_latents(data, self.vae)
         self.means = torch.stack([train_lat[c].mean(0) for c in self.names])
         self.seeds = list(range(1000, 1000 + seeds))
-        self.fn = STATISTICS[reward]
+        self.fn = REWARDS[reward]
 
     @torch.no_grad()
     def __call__(self, dit) -> dict:
@@ -98,7 +108,7 @@ class Judge:
         acc = learn.classify(gen, self.means, self.names)["accuracy"]
         lat = torch.cat([gen[c] for c in self.names]).view(-1, 16, SIZE // 8, SIZE // 8)
         img = ((self.vae.decode(lat).float() + 1) / 2).clamp(0, 1)
-        r = self.fn(img)
+        r = self.fn(img, [""] * img.shape[0]) if self.fn is left_right else self.fn(img)
         return {"reward": float(r.mean()), "reward_std": float(r.std()), "accuracy": acc}
 
 
@@ -154,7 +164,7 @@ def rl_tree(work: Path, base: Path, name: str, method: str, reward: str, seed: i
     rl = {
         "method": method,
         "policy": str(base),
-        "rewards": [{"name": reward, "weight": 1.0}],
+        "rewards": [{"name": reward, "weight": 1.0} if reward in STATISTICS else {"function": f"rl:{reward}"}],
         "prompts": [c for c, *_ in learn.CLASSES],
         "width": SIZE,
         "height": SIZE,
@@ -214,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", help="a trained base DiT file (default: train one)")
     ap.add_argument("--base-minutes", type=float, default=3.0)
     ap.add_argument("--minutes", type=float, default=3.0, help="time budget of each RL run")
-    ap.add_argument("--reward", default="contrast", choices=sorted(STATISTICS))
+    ap.add_argument("--reward", default="contrast", choices=sorted(REWARDS))
     ap.add_argument("--kl", type=float, default=1.0, help="kl_beta of the regularised GRPO run")
     ap.add_argument("--seeds", type=int, default=8, help="evaluation seeds per caption")
     ap.add_argument("--seed", type=int, default=0)

@@ -9,7 +9,6 @@ iterations for GRPO. No ``[data]`` section is needed.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +133,3 @@ def rl_config(tree: dict, max_steps: int = 1) -> RLConfig:
     cfg = _build(RLConfig, dict(tree), "[rl]")
     cfg.validate(max_steps)
     return cfg
-
-
-def rl_dict(cfg: RLConfig) -> dict:
-    return dataclasses.asdict(cfg)

@@ -269,7 +269,7 @@ def build_gpu_model(root: Path, tokenizer: Path) -> Path:
         return root
     if not (tokenizer / "tokenizer_config.json").exists():
         raise SystemExit(
-            f"no Qwen tokenizer in '{tokenizer}'; pass --tokenizer DIR (the shared qwen25_tokenizer fixture)."
+            f"no Qwen tokenizer in '{tokenizer}'; pass --tokenizer DIR (e.g. tests/fixtures/qwen25_tokenizer)."
         )
     kw = config_to_diffusers(DiTConfig.turbo())
     kw.pop("_class_name")
@@ -461,7 +461,7 @@ def main() -> None:
     ap.add_argument("--build-only", action="store_true", help="GPU: build the random full-size files and stop")
     ap.add_argument(
         "--tokenizer",
-        default=str(ROOT.parent / "shared/fixtures/qwen25_tokenizer"),
+        default=str(ROOT / "tests/fixtures/qwen25_tokenizer"),
         help="GPU: a Qwen tokenizer folder for the random model",
     )
     ap.add_argument("--runs", default=",".join(GPU_RUNS), help="GPU: MODE/QUANT or diffusers-offload, ...")

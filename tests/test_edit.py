@@ -23,7 +23,7 @@ from zimage_pack.zimage_core.errors import ZImageError as NodeError  # raised in
 
 from tests.factories import comfy as C
 from tests.factories.dit import diffusers_to_native_state, make_diffusers_dit, save_comfy_dit
-from tests.factories.pipeline import FIXTURE_TOKENIZER, load_tokenizer
+from tests.factories.pipeline import load_tokenizer
 from tests.factories.text_encoder import make_qwen3, save_comfy_text_encoder, save_tokenizer
 from tests.factories.vae import make_diffusers_vae, save_bfl_vae
 from zimage_core import edit
@@ -34,8 +34,6 @@ from zimage_core.schedules import flow_sigmas, model_t
 from zimage_core.vae import to_model_space
 from zimage_core.vision import VisionEncoder, make_processor
 from zimage_core.weights import save_safetensors
-
-pytestmark = pytest.mark.skipif(not FIXTURE_TOKENIZER.exists(), reason="../shared/fixtures/qwen25_tokenizer is absent")
 
 
 def rel_err(a, b):

@@ -11,14 +11,12 @@ from zimage_pack.nodes import enhancer as N
 from zimage_pack.nodes import loaders
 from zimage_pack.zimage_core.errors import ZImageError as NodeError  # raised inside the pack
 
-from tests.factories.pipeline import FIXTURE_TOKENIZER
 from tests.factories.text_encoder import hf_config, make_qwen3, save_comfy_text_encoder, save_tokenizer
 from zimage_core.config import TextEncoderConfig
 from zimage_core.enhancer import DEFAULT_SYSTEM_PROMPT, QWEN3_CHAT, CausalLM, pick_token, strip_think
 from zimage_core.errors import ZImageError
 from zimage_core.text_encoder import TextEncoder
 
-pytestmark = pytest.mark.skipif(not FIXTURE_TOKENIZER.exists(), reason="../shared/fixtures/qwen25_tokenizer is absent")
 IDEA = "a lighthouse on a cliff at dusk"
 
 

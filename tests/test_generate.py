@@ -9,12 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.factories.pipeline import FIXTURE_TOKENIZER, build_tiny_model, reference_pipeline
+from tests.factories.pipeline import build_tiny_model, reference_pipeline
 from zimage_core.cli import main
 from zimage_core.pipeline import GenerateOptions, ZImagePipeline
 from zimage_core.sampling import initial_noise, latent_shape
-
-pytestmark = pytest.mark.skipif(not FIXTURE_TOKENIZER.exists(), reason="../shared/fixtures/qwen25_tokenizer is absent")
 
 
 @pytest.fixture(scope="module")

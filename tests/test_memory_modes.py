@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.factories.pipeline import FIXTURE_TOKENIZER, build_tiny_model
+from tests.factories.pipeline import build_tiny_model
 from zimage_core.checkpoints import load_dit
 from zimage_core.cli import main
 from zimage_core.config import VAEConfig
@@ -33,8 +33,6 @@ from zimage_core.memory.streaming import BlockStreamer, flush_streamers, streame
 from zimage_core.pipeline import GenerateOptions, ZImagePipeline
 from zimage_core.sampling import SAMPLERS, get_sampler, initial_noise, latent_shape
 from zimage_core.schedules import flow_sigmas
-
-pytestmark = pytest.mark.skipif(not FIXTURE_TOKENIZER.exists(), reason="../shared/fixtures/qwen25_tokenizer is absent")
 
 MODES = ["full", "text-encoder-offload", "block-swap:1", "block-swap:3", "sequential", "auto"]
 G = 10**9

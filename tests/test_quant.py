@@ -14,7 +14,6 @@ from torch import nn
 
 from tests.factories.dit import randomize_
 from tests.factories.lora import WRITERS, make_spec
-from tests.factories.pipeline import FIXTURE_TOKENIZER
 from tests.factories.text_encoder import fp8_scaled_state
 from zimage_core.checkpoints import convert_dit, load_dit, native_state_to_layout, save_dit
 from zimage_core.config import DiTConfig, TextEncoderConfig
@@ -358,7 +357,6 @@ def test_lora_on_quantized_equals_lora_on_dequantized(dit_file, mode, caplog):
 TE_CFG = TextEncoderConfig.tiny(
     hidden_size=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64, intermediate_size=512
 )
-needs_tokenizer = pytest.mark.skipif(not FIXTURE_TOKENIZER.exists(), reason="the Qwen tokenizer fixture is absent")
 
 
 @pytest.fixture(scope="module")
@@ -379,7 +377,6 @@ def te_files(tmp_path_factory):
 PROMPTS = ["a red fox sitting in fresh snow, golden hour", "a lighthouse at dusk"]
 
 
-@needs_tokenizer
 @pytest.mark.parametrize("mode,bound", [("int8", 0.99), ("nf4", 0.95), ("fp8", 0.99)])
 def test_text_encoder_quantized_embeddings(te_files, mode, bound):
     from zimage_core.quant.modes import TEXT_ENCODER_POLICY
@@ -396,7 +393,6 @@ def test_text_encoder_quantized_embeddings(te_files, mode, bound):
         assert a.shape == b.shape and cos(a, b) >= bound
 
 
-@needs_tokenizer
 def test_text_encoder_fp8_file_keeps_fp8_linears(tmp_path, te_files):
     from zimage_core.text_encoder import TextEncoder
 

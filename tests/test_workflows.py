@@ -15,11 +15,9 @@ import torch
 from PIL import Image
 
 from tests.factories import comfy as C
-from tests.factories.pipeline import FIXTURE_TOKENIZER, build_tiny_model
+from tests.factories.pipeline import build_tiny_model
 from zimage_core.cli import main as cli_main
 from zimage_core.sampling import prepare_mask
-
-pytestmark = pytest.mark.skipif(not FIXTURE_TOKENIZER.exists(), reason="../shared/fixtures/qwen25_tokenizer is absent")
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 FILES = sorted(WORKFLOWS.glob("*.json"))

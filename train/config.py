@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zimage_core.dtypes import ALIASES, DTYPES
 from zimage_core.errors import ZImageError
 
 if sys.version_info >= (3, 11):
@@ -33,6 +34,14 @@ DEFAULT_LORA_TARGETS = [r"attention\.qkv$", r"attention\.out$", r"feed_forward\.
 
 class ConfigError(ZImageError):
     """A training configuration file or override is invalid."""
+
+
+def _dtype_name(name: str, key: str) -> str:
+    """The project's short dtype name for ``name`` (torch's names are accepted as aliases)."""
+    short = ALIASES.get(name, name)
+    if short not in DTYPES:
+        raise ConfigError(f"{key} '{name}' must be one of {', '.join(DTYPES)} (or {', '.join(ALIASES)}).")
+    return short
 
 
 @dataclass
@@ -163,8 +172,7 @@ class TrainConfig:
         m, o = self.model, self.optim
         if m.preset not in PRESETS:
             raise ConfigError(f"model.preset '{m.preset}' is unknown; use one of {', '.join(PRESETS)}.")
-        if m.dtype not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"model.dtype '{m.dtype}' must be fp32, bf16 or fp16.")
+        m.dtype = _dtype_name(m.dtype, "model.dtype")
         if m.dtype != "fp32" and not self.lora.enabled:
             raise ConfigError(
                 f"model.dtype = '{m.dtype}' only suits a frozen LoRA base; full training keeps fp32 master weights "
@@ -207,8 +215,7 @@ class TrainConfig:
                 raise ConfigError(f"samples.width/height must be positive multiples of 16, got {s.width}x{s.height}.")
         if self.export.layout not in ("comfyui", "diffusers", "zimage"):
             raise ConfigError(f"export.layout '{self.export.layout}' must be comfyui, diffusers or zimage.")
-        if self.export.dtype not in ("bf16", "fp16", "fp32"):
-            raise ConfigError(f"export.dtype '{self.export.dtype}' must be bf16, fp16 or fp32.")
+        self.export.dtype = _dtype_name(self.export.dtype, "export.dtype")
         if self.rl:
             from train.rl.config import rl_config
 

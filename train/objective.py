@@ -3,8 +3,8 @@
 sigma runs from 0 (clean) to 1 (noise), ``x_sigma = (1 - sigma) * x0 + sigma * noise`` (as the samplers in
 :mod:`zimage_core.sampling`). The DiT is fed ``t = 1 - sigma`` and its *raw* output is regressed onto
 ``x0 - noise``, so that at inference ``-output`` is the velocity ``d x / d sigma = noise - x0`` that
-:class:`zimage_core.pipeline.Denoiser` hands the samplers. Both Z-Image flips (timestep and sign) are
-therefore applied here, exactly once (../shared/reference/training-methods.md, section 0.1).
+:class:`zimage_core.denoiser.Denoiser` hands the samplers. Both Z-Image flips (timestep and sign) are
+therefore applied here, exactly once (``docs/model.md``, section 4).
 
 Timesteps: ``u`` is logit-normal (``sigmoid(mean + std * N(0, 1))``, SD3) or uniform, then shifted with
 ``sigma = s u / (1 + (s - 1) u)``: ``s = exp(mu)`` with ``mu`` linear in the image token count (Flux's dynamic

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import version
 from .errors import ZImageError
 
 log = logging.getLogger("zimage")
@@ -33,29 +34,25 @@ def _multiple_of_16(text: str) -> int:
     return v
 
 
-def _memory_mode(text: str) -> str:
+def _memory_mode(text: str):
+    """The typed memory mode, parsed here once (the pipeline never parses it again)."""
     from .memory import parse_memory_mode
 
     try:
-        return str(parse_memory_mode(text))
+        return parse_memory_mode(text)
     except ZImageError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _quant_modes() -> tuple[str, ...]:
-    try:
-        from .quant import QUANT_MODES
-    except ImportError:  # the quantization module is optional in this build
-        return ("none", "int8", "nf4", "fp8")
-    return tuple(QUANT_MODES)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .attention import BACKENDS
+    from .dtypes import DTYPE_NAMES
+    from .quant import QUANT_MODES
     from .sampling import SAMPLERS
 
     p = _Parser(prog="zimage", description="Z-Image (S3-DiT) inference and checkpoint tools.")
     p.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and chosen")
+    p.add_argument("--version", action="version", version=f"zimage {version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", help="text to image (also img2img / inpainting)")
@@ -80,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch", type=int, default=1)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    g.add_argument(
+        "--dtype", default="auto", choices=["auto", *DTYPE_NAMES], help="weights and compute (torch names too)"
+    )
     g.add_argument("--max-length", type=int, default=512, help="prompt token limit (0 = none)")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="repeatable")
     g.add_argument("--init-image", help="start from this image (img2img)")
@@ -99,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument(
         "--quant",
         default="none",
-        choices=_quant_modes(),
+        choices=QUANT_MODES,
         help="weight quantization of the DiT and text encoder (GGUF and pre-quantized files are "
         "recognised by themselves)",
     )
@@ -117,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--layout", required=True, choices=["comfyui", "diffusers", "zimage"])
-    c.add_argument("--dtype", default="keep", choices=["keep", "bf16", "fp16", "fp32"])
+    c.add_argument("--dtype", default="keep", choices=["keep", *DTYPE_NAMES])
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("info", help="what a checkpoint is: layout and inferred architecture")

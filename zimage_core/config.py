@@ -111,6 +111,118 @@ class DiTConfig:
         return cls(**base)
 
 
+#: How a ControlNet's refiner stage works (see :mod:`zimage_core.controlnet`).
+CONTROL_REFINERS = ("plain", "control", "control_layers")
+
+
+def spread_places(n: int, n_layers: int) -> tuple[int, ...]:
+    """``n`` control places spread evenly over ``n_layers`` main layers: 6 -> 0, 5, ..., 25 of 30 (VideoX-Fun)."""
+    if not 0 < n <= n_layers:
+        raise ValueError(f"cannot place {n} control layers on a DiT of {n_layers} layers")
+    step = n_layers // n
+    return tuple(i * step for i in range(n))
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """A Z-Image Fun ControlNet (alibaba-pai VideoX-Fun ``ZImageControlTransformer2DModel`` control branch).
+
+    The block sizes equal the base DiT's (the control blocks are S3-DiT blocks and read its hidden states).
+    ``control_places[k]``: the main DiT layer after which control layer ``k``'s hint is added;
+    ``refiner_places[k]``: the base noise-refiner layer after which refiner hint ``k`` is added (2.x files).
+    ``refiner``: ``plain`` (1.0: plain blocks refine the control tokens, no refiner hints), ``control`` (2.1:
+    the control noise-refiner blocks make the refiner hints), ``control_layers`` (2.0: the control layers also
+    make them, as 2.0 was trained; its own control noise-refiner weights are untrained and unused).
+    ``in_channels``: 16 (control latent) or 33 (control latent 16 + keep-mask 1 + inpaint latent 16).
+    """
+
+    control_places: tuple[int, ...] = spread_places(15, 30)
+    refiner_places: tuple[int, ...] = (0, 1)
+    in_channels: int = 33
+    refiner: str = "control"
+    n_refiner_layers: int = 2
+    dim: int = 3840
+    n_heads: int = 30
+    ffn_dim: int = 10240
+    adaln_dim: int = 256
+    norm_eps: float = 1e-5
+    patch_size: int = 2
+
+    def __post_init__(self) -> None:
+        if self.refiner not in CONTROL_REFINERS:
+            raise ValueError(f"refiner '{self.refiner}' is not one of {', '.join(CONTROL_REFINERS)}")
+        if not self.control_places or list(self.control_places) != sorted(set(self.control_places)):
+            raise ValueError(f"control_places {self.control_places} must be distinct and increasing")
+        if self.refiner == "plain" and self.refiner_places:
+            raise ValueError("a ControlNet with a plain control refiner makes no refiner hints (refiner_places=())")
+        n_sources = len(self.control_places) if self.refiner == "control_layers" else self.n_refiner_layers
+        if self.refiner != "plain" and len(self.refiner_places) > n_sources:
+            raise ValueError(f"{len(self.refiner_places)} refiner places but only {n_sources} blocks make hints")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+
+    @property
+    def n_control_layers(self) -> int:
+        return len(self.control_places)
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.in_channels
+
+    def block_config(self) -> DiTConfig:
+        """The DiT numbers a control block is built from (only the block sizes matter)."""
+        head_dim = self.dim // self.n_heads
+        return DiTConfig(
+            dim=self.dim,
+            n_heads=self.n_heads,
+            ffn_dim=self.ffn_dim,
+            adaln_dim=self.adaln_dim,
+            norm_eps=self.norm_eps,
+            patch_size=self.patch_size,
+            axes_dims=default_axes_dims(head_dim),
+        )
+
+    def replace(self, **changes) -> ControlNetConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ---- the published files (for a base of ``base.n_layers`` main layers; Z-Image has 30) ---------------
+    @classmethod
+    def for_base(cls, base: DiTConfig, n_control: int, in_channels: int, refiner: str, n_refiner: int = 2):
+        return cls(
+            control_places=spread_places(n_control, base.n_layers),
+            refiner_places=() if refiner == "plain" else tuple(range(min(n_refiner, base.n_refiner_layers))),
+            in_channels=in_channels,
+            refiner=refiner,
+            n_refiner_layers=n_refiner,
+            dim=base.dim,
+            n_heads=base.n_heads,
+            ffn_dim=base.ffn_dim,
+            adaln_dim=base.adaln_dim,
+            norm_eps=base.norm_eps,
+            patch_size=base.patch_size,
+        )
+
+    @classmethod
+    def union_1_0(cls, base: DiTConfig | None = None) -> ControlNetConfig:
+        """Z-Image-Turbo-Fun-Controlnet-Union: 6 control layers, 16-channel input, plain control refiner."""
+        return cls.for_base(base or DiTConfig(), 6, 16, "plain")
+
+    @classmethod
+    def union_2_0(cls, base: DiTConfig | None = None) -> ControlNetConfig:
+        """...-Union-2.0: 15 control layers, 33 channels; the control layers make the refiner hints."""
+        return cls.for_base(base or DiTConfig(), 15, 33, "control_layers")
+
+    @classmethod
+    def union_2_1(cls, base: DiTConfig | None = None) -> ControlNetConfig:
+        """...-Union-2.1 (and -8steps, Tile-2.1, Base Z-Image-Fun-Controlnet-Union-2.1): 15 + 2 layers, 33 ch."""
+        return cls.for_base(base or DiTConfig(), 15, 33, "control")
+
+    @classmethod
+    def union_2_1_lite(cls, base: DiTConfig | None = None) -> ControlNetConfig:
+        """The 2.1 "lite" files (Union and Tile): 3 control layers + 2 control refiner layers, 33 channels."""
+        return cls.for_base(base or DiTConfig(), 3, 33, "control")
+
+
 @dataclass(frozen=True)
 class TextEncoderConfig:
     """Qwen3 (4B for Z-Image). Only the first ``n_layers - 1`` layers are ever run."""

@@ -1,18 +1,22 @@
 """The S3-DiT: Z-Image's single-stream diffusion transformer (Turbo, Base and the Omni/edit branch).
 
-Forward semantics follow the reference exactly (see ../shared/reference/zimage-architecture.md
-sections 1 and 9): the model receives ``t = 1 - sigma``; captions and images are padded to a
+Forward semantics follow the reference exactly (``docs/model.md``, section 1): the model receives ``t = 1 - sigma``; captions and images are padded to a
 multiple of 32 with *learned, unmasked* pad tokens inserted after the embedders; positions are
 3-axis integer ids; the raw output is ``x0 - noise`` (the sampler negates it).
 
 The text-to-image path is split so a sampler pays for the caption only once per generation:
 :meth:`ZImageDiT.prepare` embeds and refines the captions (they do not depend on ``t``) and builds
 every position table, then :meth:`ZImageDiT.denoise` runs one step. ``forward`` does both.
+
+``denoise(..., control=[...])`` takes per-step control branches (a ControlNet bound to its control latents:
+:class:`zimage_core.controlnet.ControlInput`) whose hints are added inside the step; see :data:`StepControl`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,6 +56,21 @@ def _batch(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]
     out = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
     mask = torch.arange(out.shape[1], device=out.device)[None, :] < torch.tensor(lens, device=out.device)[:, None]
     return out, mask[:, None, None, :]
+
+
+#: A control branch for one step: ``control(dit, x_tokens, adaln, plan) -> run``, called once per step with the
+#: embedded image tokens (before the noise refiner), the t-embedding and the plan. The run then gives
+#: ``run.refiner_hint(i)`` after noise-refiner layer ``i`` and ``run.layer_hint(i)`` after main layer ``i``
+#: (a tensor to add to the hidden states, or None), and sees the joint sequence through
+#: ``run.enter_layers(h)`` right before the main layers.
+StepControl = Callable[[Any, torch.Tensor, torch.Tensor, "StepPlan"], Any]
+
+
+def _add_hints(h: torch.Tensor, hints) -> torch.Tensor:
+    for hint in hints:
+        if hint is not None:
+            h = h + hint.to(h.dtype)
+    return h
 
 
 @dataclass
@@ -111,6 +130,12 @@ class ZImageDiT(nn.Module):
     def device(self) -> torch.device:
         return self.x_embedder.weight.device
 
+    @property
+    def residual_dtype(self) -> torch.dtype:
+        """The dtype of the token stream between blocks: float32 for float16 weights (it can exceed float16's
+        range on some checkpoints; the blocks keep every matmul in float16, see :mod:`zimage_core.layers`)."""
+        return torch.float32 if self.dtype == torch.float16 else self.dtype
+
     def _run(self, block: TransformerBlock, x, rope, mask, mod=None):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, x, rope, mask, mod, use_reentrant=False)
@@ -126,7 +151,7 @@ class ZImageDiT(nn.Module):
         n_pad = total - emb.shape[0]
         if n_pad:
             emb = torch.cat([emb, pad_token.to(emb.dtype).expand(n_pad, -1)], dim=0)
-        return emb
+        return emb.to(self.residual_dtype)
 
     # ---- text-to-image -----------------------------------------------------------------------
     def prepare_captions(self, cap_feats: list[torch.Tensor]) -> PreparedCaptions:
@@ -183,18 +208,26 @@ class ZImageDiT(nn.Module):
     def prepare(self, cap_feats: list[torch.Tensor], height: int, width: int) -> StepPlan:
         return self.plan(self.prepare_captions(cap_feats), height, width)
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, plan: StepPlan) -> torch.Tensor:
-        """One forward: latents ``[B, C, H, W]`` at ``t`` ``[B]`` -> raw output ``[B, C, H, W]`` (= x0 - noise)."""
+    def denoise(
+        self, x: torch.Tensor, t: torch.Tensor, plan: StepPlan, control: Sequence[StepControl] | None = None
+    ) -> torch.Tensor:
+        """One forward: latents ``[B, C, H, W]`` at ``t`` ``[B]`` -> raw output ``[B, C, H, W]`` (= x0 - noise).
+
+        ``control``: ControlNets active at this step (their hints sum); None or empty: the plain step.
+        """
         cfg = self.cfg
         b = x.shape[0]
         if b != len(plan.captions.tokens):
             raise ValueError(f"{b} latents but {len(plan.captions.tokens)} captions; give one caption per latent")
         adaln = self.embed_time(t.to(self.device))
-        h = self.x_embedder(patchify(x.to(self.dtype), cfg.patch_size))
+        h = self.x_embedder(patchify(x.to(self.dtype), cfg.patch_size)).to(self.residual_dtype)
         if plan.n_img_pad > plan.n_img:
             h = torch.cat([h, self.x_pad_token.to(h.dtype).expand(b, plan.n_img_pad - plan.n_img, -1)], dim=1)
-        for block in self.noise_refiner:
+        runs = [c(self, h, adaln, plan) for c in control] if control else None
+        for i, block in enumerate(self.noise_refiner):
             h = self._run(block, h, plan.img_rope, None, block.modulation(adaln))
+            if runs:
+                h = _add_hints(h, [r.refiner_hint(i) for r in runs])
         if plan.joint_mask is None:
             cap = torch.stack(plan.captions.tokens)
             h = torch.cat([h, cap.to(h.dtype)], dim=1)
@@ -203,8 +236,13 @@ class ZImageDiT(nn.Module):
             h = torch.nn.utils.rnn.pad_sequence(
                 [torch.cat([h[i], c.to(h.dtype)]) for i, c in enumerate(plan.captions.tokens)], batch_first=True
             )
-        for block in self.layers:
+        if runs:
+            for r in runs:
+                r.enter_layers(h)
+        for i, block in enumerate(self.layers):
             h = self._run(block, h, plan.joint_rope, plan.joint_mask, block.modulation(adaln))
+            if runs:
+                h = _add_hints(h, [r.layer_hint(i) for r in runs])
         scale = 1.0 + self.final_layer.adaLN_modulation(adaln).unsqueeze(1)
         out = self.final_layer(h[:, : plan.n_img], scale)
         return unpatchify(out, plan.height, plan.width, cfg.patch_size, cfg.in_channels)
@@ -262,7 +300,7 @@ class ZImageDiT(nn.Module):
         img_tok, img_pos, img_nm, img_lens = [], [], [], []
         for j, img in enumerate(imgs):
             c, h, w = img.shape
-            toks = self.x_embedder(patchify(img[None].to(self.dtype), p)[0])
+            toks = self.x_embedder(patchify(img[None].to(self.dtype), p)[0]).to(self.residual_dtype)
             n = toks.shape[0]
             npad = n + _pad_len(n, cfg.seq_multiple)
             if npad > n:
@@ -281,7 +319,7 @@ class ZImageDiT(nn.Module):
                 feat = sigs[j] if j < len(sigs) else None
                 if feat is None:
                     n, npad = 0, cfg.seq_multiple
-                    toks = self.siglip_pad_token.to(self.dtype).expand(npad, -1)
+                    toks = self.siglip_pad_token.to(self.residual_dtype).expand(npad, -1)
                     pos = torch.zeros(npad, 3, dtype=torch.int64, device=dev)
                 else:
                     sh, sw, sc = feat.shape

@@ -155,6 +155,35 @@ def config_to_diffusers(cfg: DiTConfig) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------
+def native_view(src, to_native: Callable[[str], str | None], what: str) -> dict[str, tuple]:
+    """``{native key: (getter, shape, stored keys)}`` of a safetensors source seen through the native layout.
+
+    ``to_native`` renames a stored key (None drops it). Split ``to_q/to_k/to_v`` weights become one fused
+    ``attention.qkv`` (``cat([q, k, v])``, read lazily); scales and recipes of quantized weights are left to
+    :mod:`zimage_core.quant`. A split layout with a missing part raises :class:`CheckpointError` naming ``what``.
+    """
+    out: dict[str, tuple] = {}
+    for key in src:
+        k = to_native(key)
+        if k is None or is_aux_key(k) or k.endswith((QKV_SPLIT[1], QKV_SPLIT[2])):
+            continue
+        if not k.endswith(QKV_SPLIT[0]):
+            out[k] = (lambda key=key: src[key], tuple(src.shape(key)), [key])
+            continue
+        base = key[: -len(QKV_SPLIT[0])]
+        parts = [base + sfx for sfx in QKV_SPLIT]
+        missing = [p for p in parts if p not in src]
+        if missing:
+            raise CheckpointError(f"{what}: {missing} missing next to '{key}'; the file is incomplete.")
+        q = src.shape(parts[0])
+        out[k[: -len(QKV_SPLIT[0])] + QKV_FUSED] = (
+            lambda parts=parts: torch.cat([src[p] for p in parts], dim=0),
+            (3 * q[0], q[1]),
+            parts,
+        )
+    return out
+
+
 class DiTCheckpoint:
     """A DiT checkpoint seen through the native layout: ``getters`` yields each native tensor lazily."""
 
@@ -176,28 +205,13 @@ class DiTCheckpoint:
         self.config = infer_config(self.shapes, overrides)
 
     def _index(self) -> None:
-        src = self.source
-        for key in src:
+        def to_native(key: str) -> str | None:
             k = diffusers_to_native_key(strip_prefix(key))
-            if k in DROPPED_KEYS or is_aux_key(k):  # scales/recipes of quantized weights: read by zimage_core.quant
-                continue
-            if k.endswith(QKV_SPLIT[1]) or k.endswith(QKV_SPLIT[2]):
-                continue
-            if k.endswith(QKV_SPLIT[0]):
-                base = key[: -len(QKV_SPLIT[0])]
-                parts = [base + s for s in QKV_SPLIT]
-                missing = [p for p in parts if p not in src]
-                if missing:
-                    raise CheckpointError(
-                        f"diffusion model: {missing} missing next to '{key}'; the file is incomplete."
-                    )
-                nk = k[: -len(QKV_SPLIT[0])] + QKV_FUSED
-                self.getters[nk] = lambda parts=parts: torch.cat([src[p] for p in parts], dim=0)
-                q = src.shape(parts[0])
-                self.shapes[nk] = (3 * q[0], q[1])
-                continue
-            self.getters[k] = lambda key=key: src[key]
-            self.shapes[k] = src.shape(key)
+            return None if k in DROPPED_KEYS else k
+
+        for k, (get, shape, _) in native_view(self.source, to_native, "diffusion model").items():
+            self.getters[k] = get
+            self.shapes[k] = shape
 
     def nbytes(self) -> int:
         return self.source.nbytes()

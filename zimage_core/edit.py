@@ -1,7 +1,7 @@
 """Z-Image Omni / Edit: reference images, their SigLIP2 features and the Omni DiT branch, sampled like text-to-image.
 
-What the Omni model reads for one sample with N reference images (../shared/reference/zimage-architecture.md
-sections 1.7 and 6; diffusers ``ZImageOmniPipeline``, ComfyUI ``TextEncodeZImageOmni``):
+What the Omni model reads for one sample with N reference images (``docs/model.md``, Omni / Edit;
+diffusers ``ZImageOmniPipeline``, ComfyUI ``TextEncodeZImageOmni``):
 
 - N + 2 caption segments, each encoded separately (Qwen3 ``hidden_states[-2]``, no chat template of its own):
   ``<|im_start|>user\\n<|vision_start|>``, then N - 1 times ``<|vision_end|><|vision_start|>``, then
@@ -9,9 +9,9 @@ sections 1.7 and 6; diffusers ``ZImageOmniPipeline``, ComfyUI ``TextEncodeZImage
 - N clean reference latents (VAE posterior mean, in the DiT's latent space), seen at t = 1;
 - optionally one SigLIP2 feature grid ``[h, w, 1152]`` per reference (see :mod:`zimage_core.vision`).
 
-:class:`OmniDenoiser` is :class:`zimage_core.pipeline.Denoiser` for that input: the same ``t = 1 - sigma``,
-sign flip and CFG, calling :meth:`ZImageDiT.forward_omni`; :func:`sample_omni` is ``ZImagePipeline.sample``
-with it. A branch may also be plain caption features (a text-only negative prompt): it then runs the
+:class:`OmniDenoiser` is a :class:`~zimage_core.denoiser.GuidedDenoiser` for that input (the same ``t = 1 -
+sigma``, sign flip and CFG) calling :meth:`ZImageDiT.forward_omni`; it is sampled by the same loop as text to
+image (:func:`zimage_core.pipeline.denoise_latents`). A branch may also be plain caption features (a text-only negative prompt): it then runs the
 text-to-image forward, as native ComfyUI does for a conditioning without reference latents.
 """
 

@@ -149,7 +149,7 @@ def build_tied_lm(text_encoder):
     enc = text_encoder.model
     if enc is None:
         raise ZImageError("the text encoder was unloaded; load it again to use the prompt enhancer.")
-    source = getattr(text_encoder, "source", None)
+    source = text_encoder.source
     if source is None:
         raise ZImageError(
             "this text encoder does not know its weight file, so its last layer cannot be read; load "

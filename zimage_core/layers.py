@@ -175,11 +175,93 @@ class TransformerBlock(nn.Module):
         return Modulation(*(select_per_token(n, c, noise_mask) for n, c in zip(noisy, clean)))
 
     def forward(self, x: torch.Tensor, rope: Rope, mask: torch.Tensor | None, mod: Modulation | None = None):
+        if x.dtype == torch.float32 and self.attention_norm1.weight.dtype == torch.float16:
+            return _block_fp16(self, x, rope, mask, mod)
         if mod is None:
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
         x = x + mod.gate_msa * self.attention_norm2(self.attention(self.attention_norm1(x) * mod.scale_msa, rope, mask))
         return x + mod.gate_mlp * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * mod.scale_mlp))
+
+
+# ---------------------------------------------------------------------------------------------
+# float16 without overflow
+# ---------------------------------------------------------------------------------------------
+# In float16 the block's intermediate activations can exceed 65504 (the SwiGLU product, the attention and
+# feed-forward outputs of checkpoints with large weights: Base, many fine-tunes). Every such value feeds an RMSNorm
+# (the sandwich post-norms, the q/k norms), and RMSNorm is scale-invariant: ``rms(y / s, eps / s^2) ==
+# rms(y, eps)``. So each float16 matmul gets its input divided, per token, by a power of two ``s`` chosen so its
+# output cannot overflow (exact: powers of two do not round), and the following norm runs in float32 with
+# ``eps / s^2``. The SwiGLU's nonlinearity and product, the norms and the residual stream are float32 (the DiT
+# keeps its residual stream in float32 when its weights are float16); every matmul stays float16.
+
+_FP16_SAFE = 2.0**14  # a matmul's output stays below this (float16's largest value is 65504)
+_DEFAULT_BOUND = 2.0**9  # when a weight's row sums are unknown (quantized or wrapped linears)
+
+
+def _row_l1(linear: nn.Module) -> float:
+    """The largest L1 norm of a row of ``linear``'s weight: ``|W x|`` is at most this times ``max |x|``."""
+    w = getattr(linear, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.ndim != 2 or not w.is_floating_point():
+        return _DEFAULT_BOUND
+    key = (w.data_ptr(), w._version, w.device)
+    cached = linear.__dict__.get("_zimage_row_l1")
+    if cached is None or cached[0] != key:
+        cached = (key, float(w.float().abs().sum(dim=1).max()))
+        linear.__dict__["_zimage_row_l1"] = cached
+    return max(cached[1], 1e-6)
+
+
+def _pow2_scale(x: torch.Tensor, *linears: nn.Module) -> torch.Tensor:
+    """Per token ``s = 2^k >= 1`` so that ``linear(x / s)`` stays below :data:`_FP16_SAFE` for every linear."""
+    bound = max(_row_l1(m) for m in linears)
+    need = x.abs().amax(dim=-1, keepdim=True).float() * (bound / _FP16_SAFE)
+    return torch.exp2(torch.ceil(torch.log2(need.clamp_min(1.0))))
+
+
+def _rms32(y: torch.Tensor, norm: RMSNorm, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``norm(y * scale)`` in float32 for ``y`` that is the true value divided by ``scale`` (per token)."""
+    eps = norm.eps if scale is None else norm.eps / scale.square()
+    return y * torch.rsqrt(y.square().mean(dim=-1, keepdim=True) + eps) * norm.weight.float()
+
+
+def _attention_fp16(attn: Attention, a: torch.Tensor, rope: Rope, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention of float32 ``a`` with float16 matmuls; returns ``(y / s, s)``."""
+    b, n, _ = a.shape
+    s1 = _pow2_scale(a, attn.qkv)
+    q, k, v = attn.qkv((a / s1).half()).view(b, n, 3, attn.n_heads, attn.head_dim).unbind(2)
+    s_head = s1.unsqueeze(-1)
+    q = apply_rope(_rms32(q.float(), attn.q_norm, s_head), rope).half()
+    k = apply_rope(_rms32(k.float(), attn.k_norm, s_head), rope).half()
+    o = attn.attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+    o = o.transpose(1, 2).reshape(b, n, -1).float()  # the true output / s1
+    s2 = _pow2_scale(o, attn.out)
+    return attn.out((o / s2).half()).float(), s1 * s2
+
+
+def _feed_forward_fp16(ff: FeedForward, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SwiGLU of float32 ``f`` with float16 matmuls; returns ``(y / s, s)``."""
+    s1 = _pow2_scale(f, ff.w1, ff.w3)
+    x16 = (f / s1).half()
+    hidden = F.silu(ff.w1(x16).float() * s1) * (ff.w3(x16).float() * s1)
+    s2 = _pow2_scale(hidden, ff.w2)
+    return ff.w2((hidden / s2).half()).float(), s2
+
+
+def _block_fp16(block: TransformerBlock, x: torch.Tensor, rope: Rope, mask, mod: Modulation | None):
+    """:meth:`TransformerBlock.forward` for float16 weights and a float32 residual stream ``x``."""
+    a = _rms32(x, block.attention_norm1)
+    if mod is not None:
+        a = a * mod.scale_msa.float()
+    y, s = _attention_fp16(block.attention, a, rope, mask)
+    y = _rms32(y, block.attention_norm2, s)
+    x = x + (y if mod is None else mod.gate_msa.float() * y)
+    f = _rms32(x, block.ffn_norm1)
+    if mod is not None:
+        f = f * mod.scale_mlp.float()
+    y, s = _feed_forward_fp16(block.feed_forward, f)
+    y = _rms32(y, block.ffn_norm2, s)
+    return x + (y if mod is None else mod.gate_mlp.float() * y)
 
 
 class TimestepEmbedder(nn.Module):
@@ -206,5 +288,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.adaln_dim, cfg.dim, bias=True))
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """``scale`` is ``1 + adaLN(c)``, broadcastable to ``x``."""
-        return self.linear(F.layer_norm(x, (self.dim,), eps=1e-6) * scale)
+        """``scale`` is ``1 + adaLN(c)``, broadcastable to ``x`` (a float32 residual stream of a float16 model is
+        normalised in float32 and projected in float16)."""
+        y = F.layer_norm(x, (self.dim,), eps=1e-6) * scale
+        return self.linear(y if y.dtype == self.linear.weight.dtype else y.to(self.linear.weight.dtype))

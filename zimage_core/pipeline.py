@@ -1,6 +1,6 @@
 """Text-to-image (and img2img / inpainting) with the Z-Image family, matching diffusers' ZImagePipeline.
 
-Conventions (../shared/reference/zimage-architecture.md section 5):
+Conventions (``docs/model.md``, section 4):
 - initial noise ``randn((B, 16, H/8, W/8))`` from a CPU generator seeded with ``seed``, in float32;
 - latents stay float32, the DiT input is cast to the DiT dtype, the DiT sees ``t = 1 - sigma``;
 - the raw DiT output is negated into the velocity the samplers step with;
@@ -133,9 +133,30 @@ def denoise_latents(
     fn = make(dit, cond, uncond, (h, w), opts.cfg, opts.cfg_normalization, opts.cfg_truncation, sig)
     try:
         with torch.inference_mode():
-            return sample(fn, noise, sig, opts.sampler, init=init_latents, mask=mask, callback=callback, cancel=cancel)
+            x = sample(fn, noise, sig, opts.sampler, init=init_latents, mask=mask, callback=callback, cancel=cancel)
     finally:
         flush_streamers(dit)  # no prefetched block (block-swap memory modes) outlives the run, whoever placed it
+    check_sampled(x, dit.dtype)
+    return x
+
+
+#: What to try when sampling in a dtype produced NaN/Inf.
+_INSTEAD = {
+    torch.float16: "bf16 (NVIDIA RTX 30xx or newer) or fp32",
+    torch.bfloat16: "fp32",
+    torch.float32: "another seed, or check the model file (it may hold NaN/Inf weights)",
+}
+
+
+def check_sampled(x: torch.Tensor, dtype: torch.dtype) -> None:
+    """Raise one clear error when sampled latents hold NaN/Inf (a black image would follow), naming what to use
+    instead of the DiT's ``dtype``. One device read, after the loop."""
+    if not bool(torch.isfinite(x).all()):
+        name = str(dtype).removeprefix("torch.")
+        raise ZImageError(
+            f"sampling in {name} produced NaN/Inf values (a black image would follow); use "
+            f"{_INSTEAD.get(dtype, 'fp32')} instead (--dtype, or the loader's weight_dtype)."
+        )
 
 
 @dataclass

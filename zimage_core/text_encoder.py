@@ -398,6 +398,7 @@ class TextEncoder:
 
     def set_compute_device(self, device: torch.device | str) -> None:
         """Compute on ``device`` without moving the weights (some layers stream there from host memory)."""
+        self.model.rotary_emb.to(torch.float32)  # RoPE frequencies stay fp32
         self._device = torch.device(device)
         for k, (emb, n, cut) in self._cache.items():
             self._cache[k] = (emb.to(self._device), n, cut)

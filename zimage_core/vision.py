@@ -5,7 +5,7 @@ way diffusers' ``ZImageOmniPipeline.prepare_siglip_embeds`` does: the image goes
 processor (aspect-preserving resize to at most ``max_num_patches`` = 256 patches of 16 px, bilinear,
 ``(x/255 - 0.5) / 0.5``), the vision tower runs without its pooling head, and ``last_hidden_state`` (after the
 post-layernorm) is cut to the real patches and reshaped to the patch grid ``[h, w, 1152]``
-(../shared/reference/zimage-architecture.md section 6).
+(``docs/model.md``, Omni / Edit).
 
 Accepted weights (nothing is ever downloaded):
 

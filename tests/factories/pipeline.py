@@ -11,12 +11,11 @@ from pathlib import Path
 
 import torch
 
+from tests.factories import TOKENIZER_FIXTURE
 from tests.factories.dit import make_diffusers_dit, save_comfy_dit
 from tests.factories.text_encoder import make_qwen3, save_comfy_text_encoder
 from tests.factories.vae import make_diffusers_vae, save_bfl_vae
 from zimage_core.config import DiTConfig, TextEncoderConfig, VAEConfig
-
-FIXTURE_TOKENIZER = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "qwen25_tokenizer"
 
 
 @dataclass
@@ -42,7 +41,7 @@ QWEN3_USER_TEMPLATE = (
 def load_tokenizer():
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(FIXTURE_TOKENIZER), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_FIXTURE), local_files_only=True)
     tok.chat_template = QWEN3_USER_TEMPLATE
     return tok
 

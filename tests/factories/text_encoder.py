@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
+from tests.factories import TOKENIZER_FIXTURE
 from zimage_core.config import TextEncoderConfig
 from zimage_core.weights import save_safetensors
 
-TOKENIZER_FIXTURE = Path(__file__).resolve().parents[2].parent / "shared/fixtures/qwen25_tokenizer"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.factories.text_encoder import TOKENIZER_FIXTURE
+from tests.factories import TOKENIZER_FIXTURE
 from train.data import CachedData, DataConfig, DataError, build_cache, make_synthetic_dataset, resize_center_crop
 from train.data.cache import MANIFEST, PLAN, shard_name
 from train.data.sources import scan_source
@@ -18,11 +18,6 @@ from zimage_core.text_encoder import TextEncoder, build_qwen3, layers_used
 from zimage_core.tokenizer import load_tokenizer
 from zimage_core.vae import FluxVAE, pil_to_tensor
 from zimage_core.weights import WeightSource, materialize
-
-pytestmark = pytest.mark.skipif(
-    not (TOKENIZER_FIXTURE / "vocab.json").is_file(),
-    reason=f"the Qwen tokenizer fixture is absent ({TOKENIZER_FIXTURE})",
-)
 
 
 def make_vae(seed: int = 0) -> FluxVAE:

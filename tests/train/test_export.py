@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.factories.pipeline import FIXTURE_TOKENIZER, build_tiny_model
+from tests.factories.pipeline import build_tiny_model
 from train.config import load_config
 from train.data import make_synthetic_dataset
 from train.export import main as export_main
@@ -23,7 +23,6 @@ from zimage_core.dit_layout import DiTCheckpoint
 from zimage_core.lora import apply_loras, load_lora
 
 pytestmark = [
-    pytest.mark.skipif(not FIXTURE_TOKENIZER.exists(), reason="../shared/fixtures/qwen25_tokenizer is absent"),
     pytest.mark.usefixtures("one_thread"),
 ]
 CONFIGS = Path(__file__).resolve().parents[2] / "train" / "configs"

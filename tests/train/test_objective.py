@@ -22,8 +22,8 @@ from train.objective import (
     siglip_grid,
 )
 from zimage_core.config import DiTConfig
+from zimage_core.denoiser import Denoiser
 from zimage_core.dit import ZImageDiT
-from zimage_core.pipeline import Denoiser
 from zimage_core.sampling import sample_euler
 from zimage_core.schedules import flow_sigmas
 

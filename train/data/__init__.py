@@ -17,12 +17,15 @@ per epoch, fractional parts drawn per epoch):
   ``"target_caption"``.
 - ``webdataset``: uncompressed tar shards (a folder, a file, a glob or ``shard-{000000..000009}.tar``),
   members grouped by key (``xxx.jpg``/``xxx.png`` + ``xxx.txt``/``xxx.json``), read with :mod:`tarfile`.
+- ``manifest``: the data engine's ``manifest.parquet`` (or its folder), from ``python -m train.curate``:
+  rows with ``keep`` false are skipped; captions from its ``caption`` column and/or sidecars; its ``weight``
+  column (``curate balance``) multiplies the source weight per sample. Needs pyarrow.
 
 Contract (what the training loop codes against)::
 
     @dataclass
     class DataConfig:
-        sources: list[dict]          # {"type": "folder"|"edit_jsonl"|"webdataset", "path": str, "weight": 1.0}
+        sources: list[dict]          # {"type": "folder"|"edit_jsonl"|"webdataset"|"manifest", "path", "weight"}
         resolution: int = 256        # bucket area side (multiple of 16)
         aspect_buckets: bool = True  # False: square R x R only
         token_budget: int = 4096     # image tokens per batch, (h/16)*(w/16) per sample (+ its references)

@@ -11,7 +11,7 @@ from pathlib import Path
 from zimage_core.config import PIXEL_MULTIPLE
 from zimage_core.errors import ZImageError
 
-SOURCE_TYPES = ("folder", "edit_jsonl", "webdataset")
+SOURCE_TYPES = ("folder", "edit_jsonl", "webdataset", "manifest")
 # Caption levels that are always encoded into a cache (plus any level named in ``caption_levels``), so that
 # changing the mixing weights never needs a rebuild. Other JSON keys (url, width, ...) are metadata.
 KNOWN_LEVELS = (
@@ -41,8 +41,9 @@ class DataError(ZImageError):
 class DataConfig:
     """What to train on and how to batch it (see :mod:`train.data` for the whole contract).
 
-    ``sources``: ``{"type": "folder"|"edit_jsonl"|"webdataset", "path": str, "weight": 1.0}``; ``weight`` is
-    how many times each sample of that source is seen per epoch (fractional parts are drawn per epoch).
+    ``sources``: ``{"type": "folder"|"edit_jsonl"|"webdataset"|"manifest", "path": str, "weight": 1.0}``;
+    ``weight`` is how many times each sample of that source is seen per epoch (fractional parts are drawn per
+    epoch); a ``manifest`` source's per-image ``weight`` column multiplies it.
     Fields that change the cached tensors (sources' types and paths, resolution, bucketing, text length,
     shard size, the encoded caption levels) form the cache fingerprint; the others (weights, mixing,
     dropout, batch sizes, edit ratio) can change between runs on the same cache.

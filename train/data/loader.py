@@ -26,6 +26,7 @@ from .buckets import image_tokens, pack
 from .cache import BUILD_HINT, MANIFEST, PLAN, read_json, shard_name, text_hash
 from .captions import CaptionPolicy
 from .config import DataConfig, DataError, describe_mismatch, digest
+from .sources import sample_weights
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ class CachedData:
         self.policy = CaptionPolicy(cfg.caption_levels, cfg.languages, cfg.caption_dropout)
         self.empty = text_hash("")
         self.weights = [float(s.get("weight", 1.0)) for s in cfg.sources]
+        per_sample = sample_weights(cfg.sources)  # a manifest's 'weight' column (concept balance)
+        self.sample_weights = [per_sample.get(s["key"], 1.0) for s in self.samples]
         self.tokens = [
             image_tokens(tuple(s["bucket"])) + sum(image_tokens(tuple(r)) for r in s["refs"]) for s in self.samples
         ]
@@ -124,6 +127,7 @@ class CachedData:
                 cfg.languages,
                 cfg.caption_dropout,
             ]
+            + ([digest(self.sample_weights)] if per_sample else [])
         )
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._text_bytes = 0
@@ -199,6 +203,7 @@ class CachedData:
         """Every batch of an epoch over all ranks, in order: ``[(kind, sample indices)]``."""
         rng = np.random.default_rng([seed % 2**63, epoch, _SALT_EPOCH])
         w = np.asarray([self.weights[s["source"]] if s["source"] < len(self.weights) else 1.0 for s in self.samples])
+        w = w * np.asarray(self.sample_weights)
         counts = np.floor(w).astype(int) + (rng.random(len(w)) < w - np.floor(w))
         per_kind = {k: self._kind_batches(k, counts, rng) for k in ("t2i", "edit")}
         r = self.cfg.edit_ratio

@@ -1,4 +1,5 @@
-"""Dataset sources: image folders with caption sidecars, JSONL edit pairs and webdataset tar shards.
+"""Dataset sources: image folders with caption sidecars, JSONL edit pairs, webdataset tar shards and the data
+engine's Parquet manifests (``train.curate``).
 
 Every source is scanned into a list of :class:`Item` (image references and every caption it has, by level
 and language) in a deterministic order. Captions are ``{level: {language: text}}``; a caption with no
@@ -394,6 +395,99 @@ def scan_webdataset(index: int, path: str, levels, weight: float) -> list[Item]:
     return items
 
 
+# ---- data-engine manifests (Parquet) -------------------------------------------------------------------
+def _manifest_file(index: int, path: Path) -> Path:
+    p = path / "manifest.parquet" if path.is_dir() else path
+    if not p.is_file():
+        raise DataError(
+            f"source {index}: no manifest at '{p}' (type 'manifest' reads the manifest.parquet that "
+            "`python -m train.curate dedup --input DIR --out DIR` writes)."
+        )
+    return p
+
+
+def _manifest_rows(index: int, path: Path, columns: list[str]):
+    """``(file, batch)`` of the manifest's wanted columns, streamed (bounded memory on large manifests)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise DataError(f"source {index}: reading a manifest needs pyarrow (pip install -e '.[curate]').") from e
+    p = _manifest_file(index, path)
+    try:
+        pf = pq.ParquetFile(p)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DataError(f"source {index}: '{p}' is not a readable Parquet manifest ({e}).") from e
+    have = set(pf.schema_arrow.names)
+    if "path" not in have:
+        raise DataError(f"source {index}: the manifest '{p}' has no 'path' column.")
+    for rb in pf.iter_batches(batch_size=4096, columns=[c for c in columns if c in have]):
+        yield p, rb.to_pydict()
+
+
+def scan_manifest(index: int, path: Path, levels, weight: float) -> list[Item]:
+    """Rows with ``keep`` true (all rows when there is no ``keep`` column); captions from a ``caption`` column
+    (text, or JSON levels) and/or the image's sidecars, as for a folder."""
+    items = []
+    for p, cols in _manifest_rows(index, path, ["id", "path", "keep", "caption"]):
+        for r, img in enumerate(cols["path"]):
+            if "keep" in cols and not cols["keep"][r]:
+                continue
+            ip = Path(img) if Path(img).is_absolute() else p.parent / img
+            name = (cols.get("id") or cols["path"])[r]
+            captions: Captions = {}
+            text = (cols.get("caption") or [None] * (r + 1))[r]
+            if text and text.lstrip().startswith("{"):
+                captions = parse_caption_json(_read_json(text, f"{p}: row {name}"), f"{p}: row {name}", levels)
+            elif text and text.strip():
+                captions["caption"] = {"": text.strip()}
+            txt, js = ip.with_suffix(".txt"), ip.with_suffix(".json")
+            if txt.is_file() and "caption" not in captions:
+                t = txt.read_text(encoding="utf-8").strip()
+                if t:
+                    captions["caption"] = {"": t}
+            if js.is_file():
+                captions = merge_captions(
+                    captions, parse_caption_json(_read_json(js.read_bytes(), str(js)), str(js), levels), str(ip)
+                )
+            if not captions:
+                raise DataError(
+                    f"source {index}: the kept image '{ip}' (manifest '{p}') has no caption: add a 'caption' column "
+                    f"(the captioner's output), '{txt.name}' or '{js.name}' beside it, or set keep = false."
+                )
+            items.append(
+                Item(
+                    key=f"{index}:{name}",
+                    kind="t2i",
+                    target=ImageRef(str(ip), str(ip)),
+                    captions=captions,
+                    primary="caption" if "caption" in captions else None,
+                    source=index,
+                    weight=weight,
+                )
+            )
+    if not items:
+        raise DataError(f"source {index}: the manifest at '{path}' keeps no image (every row has keep = false).")
+    return items
+
+
+def sample_weights(sources: list[dict]) -> dict[str, float]:
+    """Per-sample weights (key -> weight) from the ``weight`` column of ``manifest`` sources (kept rows only)."""
+    out: dict[str, float] = {}
+    for index, spec in enumerate(sources):
+        if spec.get("type") != "manifest":
+            continue
+        for _, cols in _manifest_rows(index, Path(spec["path"]).expanduser(), ["id", "path", "keep", "weight"]):
+            if "weight" not in cols:
+                break
+            for r, w in enumerate(cols["weight"]):
+                if "keep" in cols and not cols["keep"][r]:
+                    continue
+                if w is None or not w >= 0:
+                    raise DataError(f"source {index}: the manifest's weight {w!r} (row {r}) must be a number >= 0.")
+                out[f"{index}:{(cols.get('id') or cols['path'])[r]}"] = float(w)
+    return out
+
+
 # ---- all sources -----------------------------------------------------------------------------------
 def scan_source(index: int, spec: dict, levels) -> list[Item]:
     weight = float(spec.get("weight", 1.0))
@@ -402,6 +496,8 @@ def scan_source(index: int, spec: dict, levels) -> list[Item]:
         return scan_folder(index, path, levels, weight)
     if spec["type"] == "edit_jsonl":
         return scan_edit_jsonl(index, path, levels, weight)
+    if spec["type"] == "manifest":
+        return scan_manifest(index, path, levels, weight)
     return scan_webdataset(index, spec["path"], levels, weight)
 
 

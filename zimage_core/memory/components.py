@@ -290,7 +290,6 @@ class Residency:
                 streamer = stream_text_encoder(
                     component.model, n, self.device, self.offload_device, pin=self.pin, trace=self.trace
                 )
-                component.model.rotary_emb.to(torch.float32)
                 component.set_compute_device(self.device)
             else:
                 component.to(self.device)

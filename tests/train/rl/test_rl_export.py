@@ -14,15 +14,12 @@ from PIL import Image
 from zimage_pack.nodes import conditioning, loaders, sampler
 
 from tests.factories import comfy as C
-from tests.factories.pipeline import FIXTURE_TOKENIZER, build_tiny_model
+from tests.factories.pipeline import build_tiny_model
 from train.config import load_config
 from train.rl.trainer import RLTrainer
 from zimage_core.cli import main as zimage
 
-pytestmark = [
-    pytest.mark.skipif(not FIXTURE_TOKENIZER.exists(), reason="../shared/fixtures/qwen25_tokenizer is absent"),
-    pytest.mark.usefixtures("one_thread"),
-]
+pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIGS = Path(__file__).resolve().parents[3] / "train" / "configs"
 
 

@@ -5,6 +5,8 @@ Layout of ``<output_dir>/checkpoints/step-00001000/``:
 - ``trainable.safetensors``: the trained parameters in float32 (the whole DiT, or only the LoRA adapters);
 - ``ema.safetensors``: their EMA (when on);
 - ``optimizer.pt``: optimizer and LR-scheduler state;
+- ``<unit>.safetensors`` / ``<unit>.ema.safetensors``: further trained networks of a run (e.g. a distillation's
+  fake score), their optimizer state under ``optimizer.pt["units"]`` (see :mod:`train.runner`);
 - ``rank<r>.pt``: per process: python/numpy/torch/CUDA RNG states, the noise generator, the data position;
 - ``trainer.json``: step, epoch, world size, the run's configuration and the DiT architecture (written last).
 
@@ -213,14 +215,19 @@ def write_checkpoint(
     optim: dict | None,
     meta: dict,
     rank_state: dict,
+    extra: dict[str, dict] | None = None,
 ) -> None:
-    """Write the files of one checkpoint into ``folder`` (the temporary folder of :func:`write_atomic_dir`)."""
+    """Write the files of one checkpoint into ``folder`` (the temporary folder of :func:`write_atomic_dir`).
+
+    ``extra`` maps more safetensors file names to their tensors (the other trained units of a run)."""
     torch.save(rank_state, folder / f"rank{rank}.pt")
     if not is_main:
         return
     save_safetensors(trainable, folder / "trainable.safetensors", metadata={"format": "pt"})
     if ema is not None:
         save_safetensors(ema, folder / "ema.safetensors", metadata={"format": "pt"})
+    for name, tensors in (extra or {}).items():
+        save_safetensors(tensors, folder / name, metadata={"format": "pt"})
     torch.save(optim, folder / "optimizer.pt")
     (folder / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
 

@@ -154,6 +154,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     samples: SampleSection = field(default_factory=SampleSection)
     export: ExportSection = field(default_factory=ExportSection)
+    rl: dict = field(default_factory=dict)  # RL post-training (train.rl.config.RLConfig); replaces [data]
 
     @property
     def out_dir(self) -> Path:
@@ -215,7 +216,11 @@ class TrainConfig:
         if self.export.layout not in ("comfyui", "diffusers", "zimage"):
             raise ConfigError(f"export.layout '{self.export.layout}' must be comfyui, diffusers or zimage.")
         self.export.dtype = _dtype_name(self.export.dtype, "export.dtype")
-        if not self.data:
+        if self.rl:
+            from train.rl.config import rl_config
+
+            rl_config(self.rl, self.max_steps)
+        elif not self.data:
             raise ConfigError("the [data] section is missing; give at least data.sources.")
 
 

@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         from .trainer import Trainer
 
         cfg = load_config(args.config, args.overrides)
+        if cfg.rl:  # RL post-training: DPO or GRPO on the same run infrastructure
+            from .rl.trainer import RLTrainer as Trainer
         result = Trainer(cfg, resume=args.resume, progress=not args.no_progress).train(stop_after=args.stop_after)
     except ZImageError as e:
         sys.stderr.write(f"train.run: error: {e}\n")

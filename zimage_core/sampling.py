@@ -66,6 +66,7 @@ __all__ = [
     "sample_euler",
     "sample_heun",
     "sample_res_multistep",
+    "sde_scale",
     "sde_step",
 ]
 
@@ -222,36 +223,63 @@ class FlowSDE(Solver):
     With ``std = eta * sqrt(sigma / (1 - sigma))`` (at sigma = 1 the schedule's second sigma stands in, as in
     Flow-GRPO) the next state is Gaussian with mean ``x (1 + std^2 dt / (2 sigma)) + v (1 + std^2 (1 - sigma) /
     (2 sigma)) dt`` and standard deviation ``std sqrt(-dt)``; the step to sigma 0 is a plain Euler step.
-    ``log_probs[i]`` is the per-sample mean log-density of the drawn state (float32; see :func:`sde_step`),
-    ``states`` the visited states (``states[0]`` is the start) when ``keep_states``. Noise comes from
-    ``generator`` on the CPU, so a seed gives the same trajectory on any device.
+    ``log_probs`` holds the per-sample mean log-density (float32; see :func:`sde_step`) of each stochastic step's
+    drawn state, ``log_prob_steps`` the step index of each, and ``states`` the visited states (``states[0]`` is
+    the start) when ``keep_states``. ``sde_steps`` (step indices; None = every step) limits the noise to a window
+    or subset of the steps, as MixGRPO does: the other steps are deterministic Euler steps and record nothing.
+    Noise comes from ``generator`` on the CPU, so a seed gives the same trajectory on any device.
     """
 
     name = "flow_sde"
 
-    def __init__(self, eta: float = 0.7, generator: torch.Generator | None = None, keep_states: bool = False):
+    def __init__(
+        self,
+        eta: float = 0.7,
+        generator: torch.Generator | None = None,
+        keep_states: bool = False,
+        sde_steps=None,
+    ):
         if not math.isfinite(eta) or eta <= 0:
             raise ZImageError(f"FlowSDE eta must be a positive number, got {eta!r}.")
         self.eta, self.generator, self.keep_states = float(eta), generator, keep_states
+        self.sde_steps = None if sde_steps is None else frozenset(int(i) for i in sde_steps)
         self.log_probs: list[torch.Tensor] = []
+        self.log_prob_steps: list[int] = []
         self.states: list[torch.Tensor] = []
 
     def begin(self, run):
-        self.log_probs, self.states = [], []
+        self.log_probs, self.log_prob_steps, self.states = [], [], []
 
     def step(self, run, i, x):
         if self.keep_states and not self.states:
             self.states.append(x)
         v = run.velocity(x, i)
-        s, s_next = run.sf[i], run.sf[i + 1]
-        sigma_max = run.sf[1] if len(run.sf) > 1 else s
-        x_next, log_prob, _ = sde_step(x, v, s, s_next, self.eta, sigma_max, generator=self.generator)
-        if log_prob is not None:
-            self.log_probs.append(log_prob)
+        if self.sde_steps is not None and i not in self.sde_steps:
+            x_next = x + (run.sig[i + 1] - run.sig[i]) * v  # the Euler solver's step
+        else:
+            s, s_next = run.sf[i], run.sf[i + 1]
+            sigma_max = run.sf[1] if len(run.sf) > 1 else s
+            x_next, log_prob, _ = sde_step(x, v, s, s_next, self.eta, sigma_max, generator=self.generator)
+            if log_prob is not None:
+                self.log_probs.append(log_prob)
+                self.log_prob_steps.append(i)
         if self.keep_states:
             self.states.append(x_next)
         denoised = x - v * run.sig[i] if run.want_denoised else None
         return x_next, denoised
+
+
+def _sde_std(sigma: float, eta: float, sigma_max: float) -> float:
+    s_eff = sigma_max if sigma >= 1.0 else sigma
+    return eta * math.sqrt(sigma / (1.0 - s_eff))
+
+
+def sde_scale(sigma: float, sigma_next: float, eta: float, sigma_max: float) -> float:
+    """The standard deviation ``std * sqrt(-dt)`` of a :class:`FlowSDE` transition (0 for the step to sigma 0);
+    what a closed-form KL between two policies' transitions divides by."""
+    if sigma_next == 0:
+        return 0.0
+    return _sde_std(sigma, eta, sigma_max) * math.sqrt(-(float(sigma_next) - float(sigma)))
 
 
 def sde_step(
@@ -275,8 +303,7 @@ def sde_step(
     if sigma_next == 0:
         mean = xf + dt * vf
         return (mean.to(x.dtype) if x_next is None else x_next), None, mean
-    s_eff = sigma_max if sigma >= 1.0 else sigma
-    std = eta * math.sqrt(sigma / (1.0 - s_eff))
+    std = _sde_std(sigma, eta, sigma_max)
     mean = xf * (1.0 + std**2 / (2.0 * sigma) * dt) + vf * (1.0 + std**2 * (1.0 - sigma) / (2.0 * sigma)) * dt
     scale = std * math.sqrt(-dt)
     if x_next is None:

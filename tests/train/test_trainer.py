@@ -121,7 +121,7 @@ def stage_overrides(name: str, tmp: Path, shapes: Path, tiny_ckpt: Path, cache: 
     return tiny(tmp / "run", shapes, cache / name, **extra)
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.toml")))
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.toml") if not p.name.startswith("rl_")))
 def test_every_config_runs_end_to_end(name, tmp_path, shapes, tiny_ckpt, cache):
     trainer, res = run(name, stage_overrides(name, tmp_path, shapes, tiny_ckpt, cache))
     cfg = trainer.cfg

@@ -6,9 +6,11 @@ then free the text encoder (the VAE stays only when samples are drawn); (3) buil
 file), add LoRA adapters if configured; (4) train: flow-matching loss, gradient accumulation, clipping,
 AdamW / 8-bit AdamW, warm-up + constant/cosine LR, EMA; checkpoints, samples, logs; (5) export at the end.
 
-Exact resume: weights, optimizer, LR schedule, EMA, every RNG (python, numpy, torch, CUDA and the trainer's
-CPU noise generator) and the data position are restored, so a run stopped at step k and resumed produces the
-same weights as one that never stopped (bit for bit on the CPU).
+Exact resume: weights, optimizer, LR schedule, EMA, every RNG (python, numpy, torch, CUDA) and the data position
+are restored, so a run stopped at step k and resumed produces the same weights as one that never stopped (bit for
+bit on the CPU). Noise and timesteps come from a generator keyed by the micro-batch's global index
+(:mod:`train.parallel`), so the number of processes does not change a run either. The run infrastructure
+(accelerator, checkpoints, loop, logs, signals) is :class:`train.runner.RunBase`.
 """
 
 from __future__ import annotations

@@ -242,7 +242,19 @@ def test_stopped_and_resumed_distillation_equals_uninterrupted(tmp_path, shapes,
     ma = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [m["loss"] for m in ma] == [m["loss"] for m in mb]
-    for key in ("fake_loss", "dm_size", "ca_size", "grad_norm", "fake_grad_norm", "gan_d", "gan_g", "lr", "k"):
+    for key in (
+        "fake_loss",
+        "loss_dm",
+        "loss_ca",
+        "dm_size",
+        "ca_size",
+        "grad_norm",
+        "fake_grad_norm",
+        "gan_d",
+        "gan_g",
+        "lr",
+        "k",
+    ):
         assert key in ma[-1], key
     exported = sorted(p.name for p in (tmp_path / "a" / "export").iterdir())
     assert exported == [

@@ -185,7 +185,8 @@ class Distiller(RunBase):
     def direction(
         self, x0: torch.Tensor, cond, sigma_k: torch.Tensor, gen: torch.Generator
     ) -> tuple[torch.Tensor, dict]:
-        """Where the generator's ``x0`` should move (per the method) and the size of each term."""
+        """Where the generator's ``x0`` should move (per the method), and per term its mean size and its own
+        surrogate loss ``0.5 mean((weight * term)^2)`` (what the term alone would log as the loss)."""
         d, acc, nets = self.cfg.distill, self.acc, self.nets
         b, _, h, w = x0.shape
         uncond = [self.empty.to(self.device)] * b
@@ -205,6 +206,7 @@ class Distiller(RunBase):
                 dm = (L.dmd2_direction if d.method == "dmd2" else L.dm_direction)(x0, r0, f0, d.normalize)
                 delta += d.dm_weight * dm
                 terms["dm_size"] = float(dm.abs().mean())
+                terms["loss_dm"] = float(0.5 * (d.dm_weight * dm).pow(2).mean())
             if d.method in ("decoupled_dmd", "ca_only") and guided and d.ca_weight > 0:
                 # CFG augmentation at a noise level cleaner than the student's input sigma_k
                 lo = torch.full_like(sigma_k, d.sigma_min).minimum(sigma_k)
@@ -214,6 +216,7 @@ class Distiller(RunBase):
                 ca = L.ca_direction(x0, L.denoised(x_c, v_c, s), L.denoised(x_c, v_u, s), d.cfg, d.normalize)
                 delta += d.ca_weight * ca
                 terms["ca_size"] = float(ca.abs().mean())
+                terms["loss_ca"] = float(0.5 * (d.ca_weight * ca).pow(2).mean())
         return delta, terms
 
     def _fake_features(self, x: torch.Tensor, sigma: torch.Tensor, cond) -> tuple[torch.Tensor, torch.Tensor]:

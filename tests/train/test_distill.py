@@ -155,7 +155,7 @@ def test_update_direction_applies_the_dit_flips_and_the_cli_cfg(tmp_path, shapes
             expect = dm + ca / (x0 - (c + ca)).abs().mean(dim=(1, 2, 3), keepdim=True)
     torch.testing.assert_close(delta, expect, atol=2e-4, rtol=1e-3)
     assert float(delta.abs().mean()) > 1e-3 and set(terms) == (
-        {"dm_size"} if method == "dmd2" else {"dm_size", "ca_size"}
+        {"dm_size", "loss_dm"} if method == "dmd2" else {"dm_size", "ca_size", "loss_dm", "loss_ca"}
     )
 
 

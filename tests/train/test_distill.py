@@ -199,6 +199,26 @@ def test_the_fake_score_lora_shares_the_frozen_teacher(tmp_path, shapes, cache, 
         assert not torch.equal(nets.fake(x, tt, caps), ref(x, tt, caps))  # the fake score trained
 
 
+def test_a_full_fake_score_real_latent_inputs_and_the_ca_only_ablation_run(tmp_path, shapes, cache, teacher):
+    dist = distiller(
+        tmp_path / "run",
+        shapes,
+        cache,
+        teacher,
+        max_steps=1,
+        distill__fake="full",
+        distill__student_input="real",
+        distill__method="ca_only",
+    )
+    res = dist.train()
+    nets = dist.nets
+    n_teacher = sum(p.numel() for p in nets.teacher.parameters())
+    assert sum(_storages(nets.teacher, nets.fake, nets.student).values()) == 3 * n_teacher  # three full networks
+    assert res.step == 1 and all(torch.isfinite(torch.tensor(res.losses)))
+    metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "ca_size" in metrics and "dm_size" not in metrics  # the ablation has no distribution-matching term
+
+
 def test_ttur_fake_updates_per_generator_update(tmp_path, shapes, cache, teacher):
     dist = distiller(tmp_path / "run", shapes, cache, teacher, distill__ttur=3, max_steps=2, optim__grad_accum=2)
     res = dist.train()

@@ -17,8 +17,9 @@ that need neither, judged on the decoded images.
    - *caption accuracy*: the object (pixels away from the grey background) must have the caption's colour (nearest
      class colour of its mean) AND its shape (the bounding-box-normalised mask's best IoU among the training
      images' masks must be an image of the caption's class);
-   - *Frechet distance* to the teacher's 30-step CFG images (a second draw of those with other seeds gives the
-     noise floor), on a 26-number structural descriptor: object area, colour mean/spread, background colour/spread,
+   - *Frechet distance* to a reference draw of the teacher's 30-step CFG images made with other seeds (so the
+     teacher's own 30-step row is the noise floor), on a 26-number structural descriptor standardised by the
+     reference's spread: object area, colour mean/spread, background colour/spread,
      box fill/aspect/size/position, edge energy, a gradient-orientation histogram, compactness, high-frequency energy;
    - *saturation* (mean HSV saturation of the object, share of clipped pixels) and *sharpness* (share of pixels that
      are neither background nor object colour): over-saturation and blur show here.
@@ -151,8 +152,13 @@ class Judge:
         keep = [i for i, m in enumerate(masks) if m is not None]
         self.masks = np.stack([masks[i] for i in keep]).reshape(len(keep), -1).astype(np.float32)
         self.mask_labels = train_labels[keep]
-        feats = np.stack([self.descriptor(im) for im in train_imgs])
+        self.mu, self.sd = 0.0, 1.0
+
+    def calibrate(self, ref_imgs: np.ndarray) -> np.ndarray:
+        """Standardise descriptors by the reference set's mean and spread; returns the reference's features."""
+        feats = np.stack([self.descriptor(im) for im in ref_imgs])
         self.mu, self.sd = feats.mean(0), feats.std(0) + 1e-3
+        return (feats - self.mu) / self.sd
 
     def classify(self, img: np.ndarray) -> tuple[int, int]:
         """(colour class, shape class); -1 when there is no object."""
@@ -258,7 +264,7 @@ def generate(dit, te, vae, captions, seeds, steps: int, cfg: float, shift: float
 # Distillation runs (each in a child process)
 # ---------------------------------------------------------------------------------------------
 def distill_config(
-    work: Path, data: Path, teacher: Path, method: str, steps: int, max_steps: int, seed: int, shift: float
+    work: Path, data: Path, teacher: Path, method: str, steps: int, max_steps: int, seed: int, shift: float, hp: dict
 ) -> dict:
     name = f"{method}_{steps}"
     return {
@@ -287,13 +293,13 @@ def distill_config(
             "student_shift": shift,
             "fake_lora_rank": 16,
             "fake_lora_alpha": 16.0,
-            "ttur": 2,
-            "fake_lr": 1e-3,
+            "ttur": hp["ttur"],
+            "fake_lr": hp["fake_lr"],
             "sigma_shift": shift,
             "lora_rank": 16,
             "export_diffusers": False,
         },
-        "optim": {"lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 10, "schedule": "constant", "grad_clip": 1.0},
+        "optim": {"lr": hp["lr"], "weight_decay": 0.0, "warmup_steps": 10, "schedule": "constant", "grad_clip": 1.0},
         "ema": {"enabled": True, "decay": 0.95},
         "checkpoint": {"every": 0, "keep_last": 1},
         "samples": {"every": 0},
@@ -376,9 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--teacher-steps", type=int, default=600, help="teacher training steps (batch 64)")
     ap.add_argument("--distill-steps", type=int, default=150, help="generator updates per distillation run")
-    ap.add_argument("--seeds", type=int, default=32, help="generations per caption and setting")
+    ap.add_argument("--seeds", type=int, default=64, help="generations per caption and setting")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=1e-4, help="the student's AdamW learning rate")
+    ap.add_argument("--fake-lr", type=float, default=1e-3, help="the fake-score LoRA's learning rate")
+    ap.add_argument("--ttur", type=int, default=2, help="fake-score updates per generator update")
     ap.add_argument("--runs", default="decoupled_dmd:4,dmd2:4,ca_only:4,decoupled_dmd:8,dmd2:8")
     ap.add_argument("--json", default=str(ROOT / "bench" / "distill_results.json"))
     ap.add_argument("--work", help="keep the work folder here; a teacher.safetensors already in it is reused")
@@ -452,21 +461,22 @@ def main(argv: list[str] | None = None) -> int:
 
         te = random_tiny_text_encoder(args.seed)
         shift = round(math.exp(dynamic_mu((SIZE // 16) ** 2)), 3)
+        # the reference draw uses its own seeds: a setting drawn from the same noise would look closer than it is
         seeds = list(range(1000, 1000 + args.seeds))
-        other = list(range(5000, 5000 + args.seeds))
-        ref_imgs, ref_labels = generate(teacher, te, vae, captions, seeds, 30, CFG, shift)
-        ref_feats = judge.features(ref_imgs)
-        rows = {}
+        ref_seeds = list(range(5000, 5000 + args.seeds))
         t_gen = time.perf_counter()
+        ref_imgs, _ = generate(teacher, te, vae, captions, ref_seeds, 30, CFG, shift)
+        ref_feats = judge.calibrate(ref_imgs)
+        save_grid(args.grids, "reference", ref_imgs, len(captions))
+        rows = {}
         settings = {
-            "teacher 30 steps, cfg 3 (reference, other seeds)": (teacher, 30, CFG, other),
-            "teacher 30 steps, cfg 3": (teacher, 30, CFG, None),
+            "teacher 30 steps, cfg 3": (teacher, 30, CFG, seeds),
             "teacher 4 steps, cfg 1": (teacher, 4, 1.0, seeds),
             "teacher 4 steps, cfg 3": (teacher, 4, CFG, seeds),
             "teacher 8 steps, cfg 3": (teacher, 8, CFG, seeds),
         }
         for name, (dit, steps, c, sd) in settings.items():
-            imgs, labs = (ref_imgs, ref_labels) if sd is None else generate(dit, te, vae, captions, sd, steps, c, shift)
+            imgs, labs = generate(dit, te, vae, captions, sd, steps, c, shift)
             rows[name] = judge.report(imgs, labs, ref_feats)
             save_grid(args.grids, name, imgs, len(captions))
             print(f"{name}: {rows[name]}")
@@ -474,11 +484,15 @@ def main(argv: list[str] | None = None) -> int:
 
         # 2. the students
         runs = {}
+        hp = {"lr": args.lr, "fake_lr": args.fake_lr, "ttur": args.ttur}
+        report["hyperparameters"] = hp
         for item in filter(None, args.runs.split(",")):
             method, steps = item.split(":")
             steps = int(steps)
             spec = {
-                "config": distill_config(work, data, teacher_file, method, steps, args.distill_steps, args.seed, shift),
+                "config": distill_config(
+                    work, data, teacher_file, method, steps, args.distill_steps, args.seed, shift, hp
+                ),
                 "vae": str(work / "vae.pt"),
                 "threads": args.threads,
             }

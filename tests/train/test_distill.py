@@ -17,6 +17,7 @@ from train.data import make_synthetic_dataset
 from train.distill import Distiller
 from train.distill import losses as L
 from train.distill.memory import dit_parameters, lora_parameters, plan, plan_for_config
+from train.export import main as export_main
 from train.lora_train import LoraAdapter, add_lora
 from train.objective import shift_sigmas
 from train.run import main as run_main
@@ -282,6 +283,11 @@ def test_stopped_and_resumed_distillation_equals_uninterrupted(tmp_path, shapes,
         "distill_synthetic_4step_student.safetensors",
         "distill_synthetic_4step_turbo_lora_r16.safetensors",
     ]
+    # python -m train.export on a distillation run writes the same files (here with the EMA weights)
+    assert export_main([str(tmp_path / "a"), "--out", str(tmp_path / "again"), "--ema"]) == 0
+    again = load_file(str(tmp_path / "again" / "distill_synthetic_4step_student.safetensors"))
+    ema = load_file(str(tmp_path / "a" / "checkpoints" / ck.step_name(3) / "ema.safetensors"))
+    assert all(torch.equal(again[k], ema[k].to(again[k].dtype)) for k in ema)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Proof that distillation works: a tiny teacher that needs ~30 steps with CFG, distilled into 4- and 8-step students
 that need neither, judged on the decoded images.
 
-    python bench/distill.py [--teacher-steps 600] [--distill-steps 150] [--seeds 32] [--json bench/distill_results.json]
+    python bench/distill.py [--teacher-steps 1500] [--distill-steps 300] [--seeds 64] [--jobs 2] [--work DIR]
 
 1. The synthetic shapes of ``bench/learn.py`` (4 captions x 32 images, 64x64) and its teacher recipe (a tiny DiT
    trained from scratch with ``train.trainer.Trainer``, EMA weights), with one change: the VAE is a **PCA patch
@@ -11,7 +11,7 @@ that need neither, judged on the decoded images.
    is reported); the random tiny Flux VAE of ``learn.py`` decodes to noise, useless for judging pictures.
 2. Distillation with ``train.distill.Distiller`` (each run in its own process, for its peak RSS): Decoupled DMD and
    DMD2 to 4 and 8 steps, and the CFG-augmentation-only ablation to 4 steps. Fake score = LoRA on the frozen
-   teacher, TTUR 2, backward simulation with the Euler sampler, teacher cfg 3.
+   teacher, TTUR 3, student AdamW lr 3e-5, 300 generator updates, backward simulation with the Euler sampler, teacher cfg 3.
 3. Every setting draws each caption for ``--seeds`` seeds with the engine's pipeline (Euler, the training shift);
    images are decoded and judged by their structure, never by latents:
    - *caption accuracy*: the object (pixels away from the grey background) must have the caption's colour (nearest
@@ -380,14 +380,15 @@ def uptime() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--teacher-steps", type=int, default=600, help="teacher training steps (batch 64)")
-    ap.add_argument("--distill-steps", type=int, default=150, help="generator updates per distillation run")
+    ap.add_argument("--teacher-steps", type=int, default=1500, help="teacher training steps (batch 64)")
+    ap.add_argument("--distill-steps", type=int, default=300, help="generator updates per distillation run")
     ap.add_argument("--seeds", type=int, default=64, help="generations per caption and setting")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--lr", type=float, default=1e-4, help="the student's AdamW learning rate")
+    ap.add_argument("--lr", type=float, default=3e-5, help="the student's AdamW learning rate")
     ap.add_argument("--fake-lr", type=float, default=1e-3, help="the fake-score LoRA's learning rate")
-    ap.add_argument("--ttur", type=int, default=2, help="fake-score updates per generator update")
+    ap.add_argument("--ttur", type=int, default=3, help="fake-score updates per generator update")
+    ap.add_argument("--jobs", type=int, default=1, help="distillation runs at a time (each in its own process)")
     ap.add_argument("--runs", default="decoupled_dmd:4,dmd2:4,ca_only:4,decoupled_dmd:8,dmd2:8")
     ap.add_argument("--json", default=str(ROOT / "bench" / "distill_results.json"))
     ap.add_argument("--work", help="keep the work folder here; a teacher.safetensors already in it is reused")
@@ -486,18 +487,26 @@ def main(argv: list[str] | None = None) -> int:
         runs = {}
         hp = {"lr": args.lr, "fake_lr": args.fake_lr, "ttur": args.ttur}
         report["hyperparameters"] = hp
-        for item in filter(None, args.runs.split(",")):
-            method, steps = item.split(":")
-            steps = int(steps)
-            spec = {
+        items = [(m, int(n)) for m, n in (x.split(":") for x in filter(None, args.runs.split(",")))]
+        specs = {
+            (method, steps): {
                 "config": distill_config(
                     work, data, teacher_file, method, steps, args.distill_steps, args.seed, shift, hp
                 ),
                 "vae": str(work / "vae.pt"),
                 "threads": args.threads,
             }
-            print(f"distilling: {method}, {steps} steps, {args.distill_steps} generator updates (load {uptime()})")
-            info = run_child(spec, work)
+            for method, steps in items
+        }
+        print(
+            f"distilling {items}, {args.distill_steps} generator updates each, {args.jobs} at a time (load {uptime()})"
+        )
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            infos = dict(zip(specs, pool.map(lambda sp: run_child(sp, work), specs.values())))
+        for (method, steps), info in infos.items():
+            info["load_after"] = uptime()
             runs[f"{method}:{steps}"] = info
             student = load_student(info["student"])
             imgs, labs = generate(student, te, vae, captions, seeds, steps, 1.0, shift)

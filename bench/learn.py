@@ -116,6 +116,35 @@ def classify(generated: dict[str, torch.Tensor], means: torch.Tensor, names: lis
     return {"accuracy": acc, "confusion": confusion.tolist()}
 
 
+def train_for(trainer, budget: float, steps: int | None = None) -> tuple[list[float], float]:
+    """Train for ``budget`` seconds; the cosine schedule's length follows the measured speed (re-estimated as the
+    run goes), so it ends on time. With ``steps`` the schedule is that long and the budget is ignored (results
+    that do not depend on the machine's load). Returns the losses and the seconds spent."""
+    torch.set_flush_denormal(True)
+    schedule = trainer.schedule.lr_lambdas[0]
+    if steps is not None:
+        schedule.total, budget = steps, float("inf")
+    t0 = time.perf_counter()
+    losses = []
+    while True:
+        elapsed = time.perf_counter() - t0
+        if steps is None and trainer.step >= 10 and trainer.step % 10 == 0:
+            schedule.total = max(trainer.step + 1, int(budget / (elapsed / trainer.step)))
+        if elapsed >= budget or trainer.step >= schedule.total:
+            break
+        losses.append(trainer.train_step()[0])
+    return losses, time.perf_counter() - t0
+
+
+def ema_dit(trainer):
+    """The trainer's DiT in eval mode holding its EMA weights."""
+    dit = trainer.dit.eval()
+    with trainer.ema.applied(trainer.params):
+        dit_state = {k: v.detach().clone() for k, v in dit.state_dict().items()}
+    dit.load_state_dict(dit_state)
+    return dit
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=3.0, help="training time budget")
@@ -134,24 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         # the run goes), so it ends on time.
         trainer = Trainer(config_from_dict(make_config(work, data, args.seed, 10_000)), progress=False)
         trainer.setup()
-        torch.set_flush_denormal(True)
-        budget = args.minutes * 60.0
-        schedule = trainer.schedule.lr_lambdas[0]
-        t0 = time.perf_counter()
-        losses = []
-        while True:
-            elapsed = time.perf_counter() - t0
-            if trainer.step >= 10 and trainer.step % 10 == 0:
-                schedule.total = max(trainer.step + 1, int(budget / (elapsed / trainer.step)))
-            if elapsed >= budget or trainer.step >= schedule.total:
-                break
-            losses.append(trainer.train_step()[0])
-        t_train = time.perf_counter() - t0
+        losses, t_train = train_for(trainer, args.minutes * 60.0)
         steps = trainer.step
-        dit = trainer.dit.eval()
-        with trainer.ema.applied(trainer.params):
-            dit_state = {k: v.detach().clone() for k, v in dit.state_dict().items()}
-        dit.load_state_dict(dit_state)
+        dit = ema_dit(trainer)
         te, vae = random_tiny_text_encoder(args.seed), random_tiny_vae(args.seed + 1)
         names = list(captions)
         train_lat = class_latents(data, vae)

@@ -135,6 +135,41 @@ class ExportSection:
 
 
 @dataclass
+class DistillSection:
+    """Few-step distillation (:mod:`train.distill`): present in a config file = this run distills ``teacher``."""
+
+    enabled: bool = False  # set by the presence of a [distill] table
+    method: str = "decoupled_dmd"  # decoupled_dmd | dmd2 | ca_only (the CFG-augmentation-only ablation)
+    teacher: str = ""  # the DiT to distill (a train.export file, a published file, any layout zimage reads)
+    cfg: float = 4.0  # the teacher's guidance, CLI convention (1 = off; diffusers' guidance_scale = cfg - 1)
+    student_steps: int = 8  # the student's grid: flow_sigmas(student_steps, student_shift), as zimage generate uses
+    student_shift: float = 3.0
+    student_input: str = "backward"  # backward (simulation from pure noise) | real (noised real latents)
+    simulation: str = "euler"  # the backward simulation's step: euler (the sampler users run) | renoise (DMD2)
+    student: str = "full"  # full | lora (the student trains LoRA adapters on the shared frozen teacher)
+    student_lora_rank: int = 64
+    student_lora_alpha: float = 64.0
+    fake: str = "lora"  # lora (adapters on the shared frozen teacher, DMDR) | full (a trainable copy)
+    fake_lora_rank: int = 32
+    fake_lora_alpha: float = 32.0
+    lora_targets: list = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    fake_lr: float = 0.0  # 0 = optim.lr
+    ttur: int = 5  # fake-score updates per generator update
+    dm_weight: float = 1.0  # distribution-matching term (decoupled_dmd, dmd2)
+    ca_weight: float = 1.0  # CFG-augmentation term (decoupled_dmd, ca_only)
+    sigma_min: float = 0.02  # re-noising range of the DM term and of the fake score's training
+    sigma_max: float = 0.98
+    sigma_shift: float = 1.0  # shift s of those sigmas: s u / (1 + (s - 1) u) (3 for 1024px)
+    normalize: bool = True  # per-sample mean-abs normalisation of each term (DMD2)
+    gan_weight: float = 0.0  # generator GAN loss weight (0 = no GAN head; DMD2 SDXL 5e-3)
+    gan_d_weight: float = 1e-2  # discriminator loss weight
+    gan_layer: int = -1  # the fake score's block whose image tokens feed the head
+    teacher_dtype: str = "auto"  # frozen teacher / shared base: bf16 on CUDA, fp32 on CPU
+    lora_rank: int = 32  # rank of the exported LoRA delta (0 = no LoRA export)
+    export_diffusers: bool = True  # also write the student in the diffusers layout
+
+
+@dataclass
 class TrainConfig:
     name: str = "run"
     output_dir: str = ""  # "" = runs/<name>
@@ -144,6 +179,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu (force the CPU even when a GPU is present)
     log_every: int = 10
     ddp_find_unused_parameters: bool | None = None  # None = on for Omni models (unused SigLIP branch in T2I)
+    sharding: str = "auto"  # auto (the launcher's: one process, DDP, accelerate's FSDP2) | fsdp2 (train.parallel)
     model: ModelSection = field(default_factory=ModelSection)
     data: dict = field(default_factory=dict)  # train.data.DataConfig fields
     synthetic: dict = field(default_factory=dict)  # make the synthetic dataset first: {folder, n_per_class, size, seed}
@@ -154,6 +190,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     samples: SampleSection = field(default_factory=SampleSection)
     export: ExportSection = field(default_factory=ExportSection)
+    distill: DistillSection = field(default_factory=DistillSection)
     rl: dict = field(default_factory=dict)  # RL post-training (train.rl.config.RLConfig); replaces [data]
 
     @property
@@ -182,6 +219,8 @@ class TrainConfig:
             raise ConfigError(f"max_steps must be at least 1, got {self.max_steps}.")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ConfigError(f"mixed_precision '{self.mixed_precision}' must be auto, no, bf16 or fp16.")
+        if self.sharding not in ("auto", "fsdp2"):
+            raise ConfigError(f"sharding '{self.sharding}' must be 'auto' or 'fsdp2'.")
         if self.device not in ("auto", "cpu"):
             raise ConfigError(f"device '{self.device}' must be 'auto' or 'cpu' (GPUs are chosen by the launcher).")
         if o.optimizer not in ("adamw", "adamw8bit"):
@@ -222,6 +261,51 @@ class TrainConfig:
             rl_config(self.rl, self.max_steps)
         elif not self.data:
             raise ConfigError("the [data] section is missing; give at least data.sources.")
+        if self.distill.enabled:
+            self._validate_distill()
+
+    def _validate_distill(self) -> None:
+        d = self.distill
+        if d.method not in ("decoupled_dmd", "dmd2", "ca_only"):
+            raise ConfigError(f"distill.method '{d.method}' must be decoupled_dmd, dmd2 or ca_only.")
+        if not d.teacher:
+            raise ConfigError("[distill] needs teacher = PATH: the DiT file to distill (e.g. from train.export).")
+        if self.model.checkpoint and Path(self.model.checkpoint) != Path(d.teacher):
+            raise ConfigError(
+                f"model.checkpoint '{self.model.checkpoint}' differs from distill.teacher '{d.teacher}'; the student "
+                "starts from the teacher: leave model.checkpoint empty."
+            )
+        if not d.cfg >= 1.0:
+            raise ConfigError(f"distill.cfg must be >= 1 (CLI convention, 1 = off), got {d.cfg}.")
+        if d.student_steps < 1 or not d.student_shift > 0:
+            raise ConfigError("distill: student_steps must be >= 1 and student_shift > 0.")
+        choices = {
+            "student_input": ("backward", "real"),
+            "simulation": ("euler", "renoise"),
+            "student": ("full", "lora"),
+            "fake": ("lora", "full"),
+            "teacher_dtype": ("auto", "bf16", "fp16", "fp32"),
+        }
+        for key, allowed in choices.items():
+            if getattr(d, key) not in allowed:
+                raise ConfigError(f"distill.{key} '{getattr(d, key)}' must be one of {', '.join(allowed)}.")
+        if d.ttur < 1:
+            raise ConfigError(f"distill.ttur (fake updates per generator update) must be >= 1, got {d.ttur}.")
+        if not 0.0 <= d.sigma_min < d.sigma_max <= 1.0 or not d.sigma_shift > 0:
+            raise ConfigError("distill: need 0 <= sigma_min < sigma_max <= 1 and sigma_shift > 0.")
+        if min(d.student_lora_rank, d.fake_lora_rank) < 1 or d.lora_rank < 0:
+            raise ConfigError("distill: LoRA ranks must be >= 1 (lora_rank >= 0; 0 = no LoRA export).")
+        if min(d.dm_weight, d.ca_weight, d.gan_weight, d.gan_d_weight) < 0:
+            raise ConfigError("distill: loss weights must be >= 0.")
+        if self.lora.enabled:
+            raise ConfigError(
+                "[lora] trains a LoRA with flow matching; for a LoRA student use distill.student = 'lora'."
+            )
+        if self.mixed_precision == "fp16":
+            raise ConfigError("distillation runs in bf16 or fp32: set mixed_precision = 'bf16', 'auto' or 'no'.")
+        # the student starts from the teacher; its sample images use its own grid without guidance
+        self.model.checkpoint = d.teacher
+        self.samples.steps, self.samples.cfg, self.samples.shift = d.student_steps, 1.0, d.student_shift
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,6 +367,8 @@ def apply_override(tree: dict, spec: str) -> None:
 
 
 def config_from_dict(tree: dict) -> TrainConfig:
+    if isinstance(tree.get("distill"), dict) and "enabled" not in tree["distill"]:
+        tree = {**tree, "distill": {**tree["distill"], "enabled": True}}
     cfg = _build(TrainConfig, tree, "config")
     cfg.validate()
     return cfg

@@ -62,6 +62,14 @@ def export_checkpoint(
     existing folder the file gets a default name inside it (``<run>_step<N>[_lora].safetensors``)."""
     folder = ck.resolve_checkpoint(ckpt)
     meta = ck.read_meta(folder)
+    if str(meta.get("kind", "")).startswith("distill"):  # the student as a DiT file and as a LoRA over the teacher
+        from .distill.export import export_distilled
+
+        target = Path(out) if Path(out).is_dir() or not Path(out).suffix else Path(out).parent
+        d = meta.get("distill", {})
+        return export_distilled(folder, target, ema, dtype, int(d.get("lora_rank", 32)), layout == "diffusers")[
+            "student"
+        ]
     out = Path(out)
     if out.is_dir() and not (out / "config.json").is_file():
         out = out / default_name(folder, meta, layout)

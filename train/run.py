@@ -38,6 +38,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def make_runner(cfg, resume=None, progress: bool = True):
+    """The trainer a configuration asks for: :class:`train.distill.Distiller` with a ``[distill]`` section,
+    :class:`train.rl.trainer.RLTrainer` with an ``[rl]`` section, else :class:`train.trainer.Trainer`."""
+    if cfg.distill.enabled:
+        from .distill import Distiller
+
+        return Distiller(cfg, resume=resume, progress=progress)
+    if cfg.rl:  # RL post-training: DPO or GRPO on the same run infrastructure
+        from .rl.trainer import RLTrainer
+
+        return RLTrainer(cfg, resume=resume, progress=progress)
+    from .trainer import Trainer
+
+    return Trainer(cfg, resume=resume, progress=progress)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -45,12 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         from .config import load_config
-        from .trainer import Trainer
 
         cfg = load_config(args.config, args.overrides)
-        if cfg.rl:  # RL post-training: DPO or GRPO on the same run infrastructure
-            from .rl.trainer import RLTrainer as Trainer
-        result = Trainer(cfg, resume=args.resume, progress=not args.no_progress).train(stop_after=args.stop_after)
+        result = make_runner(cfg, resume=args.resume, progress=not args.no_progress).train(stop_after=args.stop_after)
     except ZImageError as e:
         sys.stderr.write(f"train.run: error: {e}\n")
         return 2

@@ -6,9 +6,11 @@ then free the text encoder (the VAE stays only when samples are drawn); (3) buil
 file), add LoRA adapters if configured; (4) train: flow-matching loss, gradient accumulation, clipping,
 AdamW / 8-bit AdamW, warm-up + constant/cosine LR, EMA; checkpoints, samples, logs; (5) export at the end.
 
-Exact resume: weights, optimizer, LR schedule, EMA, every RNG (python, numpy, torch, CUDA and the trainer's
-CPU noise generator) and the data position are restored, so a run stopped at step k and resumed produces the
-same weights as one that never stopped (bit for bit on the CPU).
+Exact resume: weights, optimizer, LR schedule, EMA, every RNG (python, numpy, torch, CUDA) and the data position
+are restored, so a run stopped at step k and resumed produces the same weights as one that never stopped (bit for
+bit on the CPU). Noise and timesteps come from a generator keyed by the micro-batch's global index
+(:mod:`train.parallel`), so the number of processes does not change a run either. The run infrastructure
+(accelerator, checkpoints, loop, logs, signals) is :class:`train.runner.RunBase`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from zimage_core.errors import ZImageError
 
 from .ema import EMA
 from .objective import FlowModel, flow_loss
+from .parallel import global_micro_index, keyed_generator
 from .runner import MAIN, LRSchedule, RunBase, TrainResult, Unit, make_optimizer, make_schedule
 
 log = logging.getLogger(__name__)
@@ -72,11 +75,23 @@ class Trainer(RunBase):
             )
         self.dit_config = dit.cfg
         names = {n for n, p in dit.named_parameters() if p.requires_grad}
-        self.optimizer = make_optimizer([p for p in dit.parameters() if p.requires_grad], cfg.optim)
-        # The scheduler is stepped by hand: accelerate would step it once per process.
-        self.schedule = make_schedule(self.optimizer, cfg.optim, cfg.max_steps)
-        self.model, self.optimizer = acc.prepare(FlowModel(dit), self.optimizer)
-        self.sharded = acc.is_fsdp2 if hasattr(acc, "is_fsdp2") else False
+        if cfg.sharding == "fsdp2" and self.world > 1:
+            # our own FSDP2 (any backend, CPU/gloo included); the optimizer sees the DTensor shards
+            from .parallel import shard_dit
+
+            shard_dit(dit, self.device, acc.mixed_precision)
+            self.model = FlowModel(dit)
+            self.optimizer = make_optimizer([p for p in dit.parameters() if p.requires_grad], cfg.optim)
+            self.schedule = make_schedule(self.optimizer, cfg.optim, cfg.max_steps)
+            self.optimizer = acc.prepare(self.optimizer)
+            self.sharded, self.fsdp_root = True, dit
+        else:
+            self.optimizer = make_optimizer([p for p in dit.parameters() if p.requires_grad], cfg.optim)
+            # The scheduler is stepped by hand: accelerate would step it once per process.
+            self.schedule = make_schedule(self.optimizer, cfg.optim, cfg.max_steps)
+            self.model, self.optimizer = acc.prepare(FlowModel(dit), self.optimizer)
+            self.sharded = acc.is_fsdp2 if hasattr(acc, "is_fsdp2") else False
+            self.fsdp_root = self.model
         self.dit = acc.unwrap_model(self.model).dit
         self.params = {n: p for n, p in self.dit.named_parameters() if n in names}
         e = cfg.ema
@@ -120,9 +135,11 @@ class Trainer(RunBase):
         total, info = 0.0, {}
         for micro in range(n):
             batch = next(self.batches)
+            # noise and timesteps keyed by the micro-batch's global index: the process count does not change a run
+            gen = keyed_generator(cfg.seed, global_micro_index(self.step, micro, n, self.rank, self.world))
             ctx = acc.no_sync(self.model) if micro < n - 1 else nullcontext()
             with ctx:
-                loss, info = flow_loss(self.model, batch, cfg.objective, self.noise_gen, self.device, self.segments)
+                loss, info = flow_loss(self.model, batch, cfg.objective, gen, self.device, self.segments)
                 acc.backward(loss / n)
             total += float(loss.detach())
         if cfg.optim.grad_clip > 0:
@@ -148,7 +165,7 @@ class Trainer(RunBase):
             return []
         acc = self.acc
         if self.sharded:
-            self.model.unshard()  # FSDP2: every rank runs the same sampling on gathered weights
+            self.fsdp_root.unshard()  # FSDP2: every rank runs the same sampling on gathered weights
         elif not acc.is_main_process:
             return []
         use_ema = self.ema is not None and self.cfg.samples.use_ema
@@ -160,7 +177,7 @@ class Trainer(RunBase):
                 )
         finally:
             if self.sharded:
-                self.model.reshard()
+                self.fsdp_root.reshard()
 
     def export(self, checkpoint: Path) -> Path:
         from .export import export_checkpoint

@@ -81,6 +81,15 @@ class GuidedDenoiser:
             self.truncation >= 1.0 or cfg_active(self.cfg, self.sigma_value(sigma), self.truncation)
         )
 
+    def branches(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The velocities of the conditional and the unconditional branch (one paired batch), not combined: for a
+        loss that weighs the guidance term on its own (Decoupled DMD's CFG augmentation). ``cfg_combine`` of the
+        two at ``self.cfg`` is what :meth:`__call__` returns with guidance on (without normalization)."""
+        if not self.use_cfg:
+            raise ValueError("branches() needs a model function built with an unconditional branch and cfg > 1")
+        pos, neg = self.forward_pair(x.to(self.dit.dtype), model_t(sigma))
+        return -pos, -neg
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         t = model_t(sigma)
         xin = x.to(self.dit.dtype)

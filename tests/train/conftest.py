@@ -13,3 +13,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def make_teacher(path, seed: int = 3, **dims):
+    """A tiny DiT that looks pretrained (nothing at zero, unlike a fresh adaLN-zero init), saved in ComfyUI's
+    single-file layout: the teacher of the distillation tests and the start of fine-tuning tests."""
+    from train.model import init_weights
+    from zimage_core.checkpoints import save_dit
+    from zimage_core.config import DiTConfig
+    from zimage_core.dit import ZImageDiT
+
+    gen = torch.Generator().manual_seed(seed)
+    dit = init_weights(ZImageDiT(DiTConfig.tiny(**dims)), seed=seed)
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    return save_dit(dit.state_dict(), dit.cfg, path, "comfyui")

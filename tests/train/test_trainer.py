@@ -17,6 +17,7 @@ from train.data import make_synthetic_dataset
 from train.model import init_weights
 from train.objective import flow_loss
 from train.run import main as run_main
+from train.run import make_runner
 from train.trainer import Trainer, write_synthetic_edits
 from zimage_core.checkpoints import load_dit, save_dit
 from zimage_core.config import DiTConfig
@@ -81,7 +82,7 @@ def tiny(out: Path, shapes: Path, cache: Path, **extra) -> list[str]:
 
 def run(config: str | None, overrides: list[str], resume=None, stop_after=None):
     cfg = load_config(CONFIGS / config if config else CONFIGS / "synthetic_tiny.toml", overrides)
-    trainer = Trainer(cfg, resume=resume, progress=False)
+    trainer = make_runner(cfg, resume=resume, progress=False)
     return trainer, trainer.train(stop_after=stop_after)
 
 
@@ -106,6 +107,17 @@ def stage_overrides(name: str, tmp: Path, shapes: Path, tiny_ckpt: Path, cache: 
         extra["data__edit_ratio"] = "0.5"
     if name.startswith("finetune"):
         extra["model__checkpoint"] = f"'{tiny_ckpt}'"
+    if name.startswith("distill"):  # the student starts from (and learns from) the teacher
+        extra.update(
+            {
+                "distill__teacher": f"'{tiny_ckpt}'",
+                "distill__ttur": "1",
+                "distill__student_steps": "2",
+                "mixed_precision": "'no'",
+                "sharding": "'auto'",
+                "optim__grad_accum": "1",
+            }
+        )
     if name == "synthetic_tiny.toml":
         extra.update(
             {
@@ -131,7 +143,9 @@ def test_every_config_runs_end_to_end(name, tmp_path, shapes, tiny_ckpt, cache):
     assert res.export is not None and res.export.is_file()
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, cfg.max_steps + 1))
-    if cfg.lora.enabled:
+    if cfg.distill.enabled:
+        assert trainer.kind.startswith("distill") and any((tmp_path / "run" / "export").glob("*_turbo_lora_*"))
+    elif cfg.lora.enabled:
         assert next(trainer.dit.parameters()).dtype == torch.bfloat16  # frozen bf16 base
         assert all("lora" in n for n in trainer.params)
         assert any(k.endswith(".lora_up.weight") for k in load_file(str(res.export)))

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from zimage_pack.nodes import conditioning, loaders, sampler
 
 from tests.factories import comfy as C
-from tests.factories.pipeline import FIXTURE_TOKENIZER, build_tiny_model
+from tests.factories.pipeline import build_tiny_model
 from train.config import load_config
 from train.data import make_synthetic_dataset
 from train.distill import Distiller
@@ -28,7 +28,6 @@ from zimage_core.sampling import initial_noise, latent_shape
 from zimage_core.vae import to_raw_space
 
 pytestmark = [
-    pytest.mark.skipif(not FIXTURE_TOKENIZER.exists(), reason="../shared/fixtures/qwen25_tokenizer is absent"),
     pytest.mark.usefixtures("one_thread"),
 ]
 CONFIGS = Path(__file__).resolve().parents[2] / "train" / "configs"

@@ -2,13 +2,13 @@
 velocity ``v = noise - x0``, ``x0 = x - s v``). The DiT flips (``t = 1 - sigma``, negated output) live only in the
 engine's model functions (:class:`zimage_core.denoiser.Denoiser`); everything here sees velocities.
 
-**DMD2** (distribution matching in x0 space, ../shared/reference/training-methods.md section 2.2): at a re-noised
+**DMD2** (distribution matching in x0 space; Yin et al. 2024, "Improved Distribution Matching Distillation"): at a re-noised
 ``x_t`` of the generator's ``x0`` the real score (the teacher with CFG at scale ``cfg``) predicts ``r0`` and the
 fake score ``f0``; ``x0`` should move along ``r0 - f0`` (the KL gradient up to a positive factor), divided per
 sample by ``mean |x0 - r0|`` (DMD2's normalisation). The surrogate ``0.5 * mean((x0 - stopgrad(x0 + delta))^2)``
 has exactly ``-delta / numel`` as its gradient, computed in float32.
 
-**Decoupled DMD** (section 2.3): the same gradient split into ``DM = r0_cond - f0`` (no guidance), evaluated at
+**Decoupled DMD** (arXiv 2511.22677): the same gradient split into ``DM = r0_cond - f0`` (no guidance), evaluated at
 ``sigma_DM`` over the whole range, and ``CA = (cfg - 1) (r0_cond - r0_uncond)`` (the CFG augmentation), evaluated
 at ``sigma_CA`` *cleaner than the student's input* ``sigma_k``, each normalised on its own and weighted on its own.
 ``cfg`` is the CLI's (ComfyUI's): guided = ``cond + (cfg - 1)(cond - uncond)``, so the standard scale alpha equals

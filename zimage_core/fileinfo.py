@@ -8,10 +8,13 @@ Each kind is recognised by the same public probe its loader uses (:func:`~zimage
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 
 from .errors import CheckpointError, ZImageError
+
+_WEIGHTS_ONLY = object()
 
 
 def _probe_summary(probe, kind: str) -> dict:
@@ -60,7 +63,10 @@ def describe_file(path: str | os.PathLike) -> dict:
         return {"kind": "diffusion model (DiT)", **dit_file_info(p)}
     except CheckpointError as e:
         reasons.append(f"DiT: {e}")
-    for kind, probe in (("VAE", probe_vae), ("text encoder", probe_text_encoder)):
+    # info describes the weights: the text encoder's tokenizer is looked for by generate, not here (any value that
+    # is not a path makes the probe skip that search)
+    probe_te = functools.partial(probe_text_encoder, tokenizer=_WEIGHTS_ONLY)
+    for kind, probe in (("VAE", probe_vae), ("text encoder", probe_te)):
         try:
             return _probe_summary(probe(p), kind)
         except ZImageError as e:

@@ -121,13 +121,13 @@ def writable_path(path, what: str, suffixes: tuple[str, ...] | None = None, fold
     p = Path(path).expanduser()
     if str(path) == "" or p.name in ("", ".", ".."):
         raise ZImageError(f"{what} '{path}' names no file.")
-    if suffixes is not None and p.suffix.lower() not in suffixes:
-        raise ZImageError(
-            f"{what} '{path}' has the extension '{p.suffix or '(none)'}'; use one of {', '.join(suffixes)}."
-        )
     if p.is_dir() and not folder_ok:
         raise ZImageError(
             f"{what} '{path}' is an existing folder; give a file name (e.g. {p / ('out' + (suffixes or ('.png',))[0])})."
+        )
+    if suffixes is not None and p.suffix.lower() not in suffixes:
+        raise ZImageError(
+            f"{what} '{path}' has the extension '{p.suffix or '(none)'}'; use one of {', '.join(suffixes)}."
         )
     if p.exists() and not p.is_dir() and not os.access(p, os.W_OK):
         raise ZImageError(f"{what} '{path}' exists and is not writable.")

@@ -382,3 +382,50 @@ def test_outputs_keep_the_parameters(model, tmp_path, capsys, suffix):
     params = read_parameters(out)
     assert params["prompt"] == "a cube" and params["seed"] == 9 and params["steps"] == 1
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary file left
+
+
+# ---- the sampler node (API prompts can hold any value, whatever the widgets allow) --------------------------
+@pytest.fixture(scope="module")
+def node_model(model, tmp_path_factory):
+    from zimage_pack.nodes import conditioning, loaders
+
+    from tests.factories import comfy as C
+
+    root = C.install_models(model, tmp_path_factory.mktemp("models"), dit_names=("z_image_turbo_bf16.safetensors",))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ZIMAGE_MODELS_DIR", str(root))
+    try:
+        dit = loaders.ZImageModelLoader().load("z_image_turbo_bf16.safetensors")[0]
+        te = loaders.ZImageTextEncoderLoader().load("qwen_3_4b.safetensors")[0]
+    finally:
+        mp.undo()
+    return dit, conditioning.ZImageTextEncode().encode(te, "x", 512)[0]
+
+
+NODE_CASES = [
+    ("seed-nan", {"seed": float("nan")}, "seed"),
+    ("seed-above-2**64", {"seed": 2**64}, "seed"),
+    ("seed-negative", {"seed": -1}, "seed"),
+    ("seed-fractional", {"seed": 1.5}, "whole number"),
+    ("steps-fractional", {"steps": 2.5}, "steps"),
+    ("steps-zero", {"steps": 0}, "steps"),
+    ("cfg-nan", {"cfg": float("nan")}, "cfg"),
+    ("cfg-inf", {"cfg": float("inf")}, "cfg"),
+    ("shift-nan", {"shift": float("nan")}, "shift"),
+    ("denoise-nan", {"denoise": float("nan")}, "denoise"),
+    ("seed-variance-nan", {"seed_variance": float("nan")}, "seed_variance"),
+    ("seed-variance-negative", {"seed_variance": -0.5}, "seed_variance"),
+]
+
+
+@pytest.mark.parametrize("case,bad,word", NODE_CASES, ids=[c[0] for c in NODE_CASES])
+def test_sampler_node_refuses(node_model, case, bad, word):
+    from zimage_pack.nodes import sampler
+    from zimage_pack.zimage_core.errors import ZImageError as PackError
+
+    dit, cond = node_model
+    args = dict(model=dit, positive=cond, latent_image={"samples": torch.zeros(1, 16, 4, 4)}, seed=1, steps=1)
+    args.update(cfg=1.0, shift=3.0, sampler_name="euler", denoise=1.0)
+    args.update(bad)
+    with pytest.raises(PackError, match=word):
+        sampler.ZImageTurboSampler().sample(**args)

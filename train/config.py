@@ -263,6 +263,15 @@ class TrainConfig:
             raise ConfigError("the [data] section is missing; give at least data.sources.")
         if self.distill.enabled:
             self._validate_distill()
+        self._check_model_files()
+
+    def _check_model_files(self) -> None:
+        """The model files named here exist (checked now, not after the data cache was built)."""
+        m = self.model
+        for key in ("checkpoint", "text_encoder", "vae", "vision", "tokenizer"):
+            value = getattr(m, key)
+            if value and value != RANDOM_TINY and not Path(value).expanduser().exists():
+                raise ConfigError(f"model.{key} '{value}' does not exist; give the path of an existing file or folder.")
 
     def _validate_distill(self) -> None:
         d = self.distill

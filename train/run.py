@@ -59,7 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The arguments, with every ``key=value`` override collected wherever it stands (before or after flags)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = [a for a in argv if OVERRIDE.match(a)]
-    args = build_parser().parse_args([a for a in argv if not OVERRIDE.match(a)])
+    parser = build_parser()
+    args, extra = parser.parse_known_args([a for a in argv if not OVERRIDE.match(a)])
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}; overrides look like key=value, e.g. max_steps=10")
     args.overrides = [*args.overrides, *overrides]
     return args
 

@@ -253,11 +253,10 @@ class RunBase:
             np.random.seed((cfg.seed + self.rank) % 2**32)
             torch.manual_seed(cfg.seed + self.rank)
             self.noise_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * (self.rank + 1))
+            resume_from = self._resume_checkpoint()  # found and checked against this configuration before build
             self.build()
-            if self.resume is True and ck.latest_checkpoint(self.ckpt_root) is None:
-                log.info("--resume: %s holds no checkpoint yet; starting from step 0", self.ckpt_root)
-            elif self.resume:
-                self.load(ck.resolve_checkpoint(self.out if self.resume is True else self.resume))
+            if resume_from is not None:
+                self.load(resume_from, report=False)
             if acc.is_main_process:
                 if self.step:
                     self._truncate_metrics(self.step)
@@ -399,10 +398,25 @@ class RunBase:
                     state.get("ema") or {}, {n: ck.like(shadow[n], t) for n, t in u.ema.shadow.items()}
                 )
 
-    def load(self, path: Path) -> None:
+    def _resume_checkpoint(self) -> Path | None:
+        """The checkpoint ``--resume`` names, checked (its kind, what changed in the configuration) before the
+        networks and the data are built; None when there is nothing to resume from."""
+        if not self.resume:
+            return None
+        if self.resume is True and ck.latest_checkpoint(self.ckpt_root) is None:
+            log.info("--resume: %s holds no checkpoint yet; starting from step 0", self.ckpt_root)
+            return None
+        path = ck.resolve_checkpoint(self.out if self.resume is True else self.resume)
         meta = ck.read_meta(path)
         self.check_meta(meta, path)
-        check_resume_config(meta.get("config"), self.cfg.to_dict(), path)  # refuse, or apply and log each change
+        check_resume_config(meta.get("config"), self.cfg.to_dict(), path)
+        return path
+
+    def load(self, path: Path, report: bool = True) -> None:
+        meta = ck.read_meta(path)
+        self.check_meta(meta, path)
+        if report:  # refuse, or apply and log each change (setup did it before building)
+            check_resume_config(meta.get("config"), self.cfg.to_dict(), path)
         wanted = {n: optimizer_hyperparameters(u.optimizer) for n, u in self.units.items() if u.optimizer is not None}
         opt = ck.read_optimizer(path)
         for name, u in self.units.items():

@@ -263,10 +263,10 @@ class TrainConfig:
             raise ConfigError("the [data] section is missing; give at least data.sources.")
         if self.distill.enabled:
             self._validate_distill()
-        self._check_model_files()
 
-    def _check_model_files(self) -> None:
-        """The model files named here exist (checked now, not after the data cache was built)."""
+    def check_model_files(self) -> None:
+        """The model files named here exist (a run checks this at its start, before the data cache is built;
+        :meth:`validate` does not, so configurations can be read and planned on machines without the files)."""
         m = self.model
         for key in ("checkpoint", "text_encoder", "vae", "vision", "tokenizer"):
             value = getattr(m, key)

@@ -243,6 +243,7 @@ class RunBase:
         self.rank, self.world = acc.process_index, acc.num_processes
         self.out = cfg.out_dir
         self.ckpt_root = self.out / "checkpoints"
+        cfg.check_model_files()  # before anything is made
         created = [p for p in (self.out, _cache_dir(cfg)) if p is not None and not p.exists()]
         try:
             if acc.is_main_process:

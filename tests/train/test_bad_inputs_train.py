@@ -292,3 +292,22 @@ def test_real_entry_points(tmp_path, module, argv, words):
     p = subprocess.run([sys.executable, "-m", module, *argv], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert_one_clean_line(p.returncode, p.stderr, words)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- train.curate ------------------------------------------------------------------------------------------------
+CURATE_CASES = [
+    ("input-missing", ["profile", "--input", "{T}/nope", "--out", "{T}/o"], ["train.curate profile: error", "nope"]),
+    ("no-stage", [], ["python -m train.curate: error", "stage"]),
+    ("input-required", ["profile", "--out", "{T}/o"], ["--input"]),
+    ("shard-size-text", ["profile", "--input", "{T}", "--out", "{T}/o", "--shard-size", "x"], ["--shard-size"]),
+    ("unknown-engine", ["profile", "--input", "{T}", "--out", "{T}/o", "--engine", "spark"], ["invalid choice"]),
+]
+
+
+@pytest.mark.parametrize("case,args,words", CURATE_CASES, ids=[c[0] for c in CURATE_CASES])
+def test_train_curate_bad_input(tmp_path, capsys, case, args, words):
+    from train.curate.cli import main as curate_main
+
+    rc, err = call(curate_main, [a.replace("{T}", str(tmp_path)) for a in args] + (["-q"] if args else []), capsys)
+    assert_one_clean_line(rc, err, words)
+    assert list(tmp_path.iterdir()) == []

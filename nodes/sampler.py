@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from ..zimage_core import sampling
+from ..zimage_core import sampling, validate
 from ..zimage_core.errors import ZImageError
 from ..zimage_core.pipeline import GenerateOptions, denoise_latents
 from ..zimage_core.vae import to_model_space, to_raw_space
@@ -186,9 +186,11 @@ class ZImageTurboSampler:
             raise ZImageError(f"sampler '{sampler_name}' is unknown; choose one of {', '.join(sampler_names())}.")
         if not 0.0 <= denoise <= 1.0:
             raise ZImageError(f"denoise must be between 0 and 1, got {denoise}.")
-        if not 0 <= int(seed) <= MAX_SEED:
-            raise ZImageError(f"seed must be between 0 and {MAX_SEED}, got {seed}.")
-        if seed_variance is None or seed_variance < 0:
+        seed = validate.seed(seed)  # a whole number in 0..2**64-1 (a fractional or NaN seed is refused)
+        steps = validate.int_in_range("steps", steps, 1, 10_000)
+        for name, value in (("cfg", cfg), ("shift", shift)):
+            validate.finite_float(name, value)
+        if seed_variance is None or not validate.finite_float("seed_variance", seed_variance) >= 0:
             raise ZImageError(f"seed_variance must be 0 or more, got {seed_variance}.")
         samples = _check_latent(latent_image, model.config.in_channels)
         if denoise == 0:

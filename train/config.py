@@ -264,6 +264,15 @@ class TrainConfig:
         if self.distill.enabled:
             self._validate_distill()
 
+    def check_model_files(self) -> None:
+        """The model files named here exist (a run checks this at its start, before the data cache is built;
+        :meth:`validate` does not, so configurations can be read and planned on machines without the files)."""
+        m = self.model
+        for key in ("checkpoint", "text_encoder", "vae", "vision", "tokenizer"):
+            value = getattr(m, key)
+            if value and value != RANDOM_TINY and not Path(value).expanduser().exists():
+                raise ConfigError(f"model.{key} '{value}' does not exist; give the path of an existing file or folder.")
+
     def _validate_distill(self) -> None:
         d = self.distill
         if d.method not in ("decoupled_dmd", "dmd2", "ca_only"):

@@ -15,7 +15,6 @@ A run exports itself this way when it reaches ``max_steps`` (``[export]`` sectio
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -23,9 +22,11 @@ from pathlib import Path
 import torch
 
 from zimage_core.checkpoints import save_dit
+from zimage_core.commandline import Parser, add_debug_flag, run_command
 from zimage_core.config import DiTConfig
 from zimage_core.dtypes import resolve_dtype
 from zimage_core.errors import ZImageError
+from zimage_core.validate import writable_path
 
 from . import checkpoint as ck
 from .lora_train import save_trained_lora
@@ -97,25 +98,28 @@ def export_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m train.export", description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt", help="a step-* checkpoint folder, or a run folder (newest checkpoint)")
     p.add_argument("--out", help="output file (or folder); default <run>/export/")
     p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw ones")
     p.add_argument("--layout", default="comfyui", choices=["comfyui", "diffusers", "zimage"])
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    add_debug_flag(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def body() -> int:
         folder = ck.resolve_checkpoint(args.ckpt)
+        if args.out:  # checked before anything is read: a folder, or a file whose folder can be made
+            writable_path(args.out, "--out", folder_ok=True)
         out = Path(args.out) if args.out else folder.parent.parent / "export"
         if not args.out:
             out.mkdir(parents=True, exist_ok=True)
         path = export_checkpoint(folder, out, ema=args.ema, layout=args.layout, dtype=args.dtype)
-    except ZImageError as e:
-        sys.stderr.write(f"train.export: error: {e}\n")
-        return 2
-    sys.stdout.write(f"{path}\n")
-    return 0
+        sys.stdout.write(f"{path}\n")
+        return 0
+
+    return run_command("train.export", body, debug=args.debug)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -57,8 +57,10 @@ import numpy as np
 import torch
 
 from zimage_core.errors import ZImageError
+from zimage_core.outputs import atomic_path
 
 from . import checkpoint as ck
+from .resume import check_resume_config, optimizer_hyperparameters, restore_hyperparameters
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,30 @@ class TrainResult:
     checkpoint: Path | None = None
     export: Path | None = None
     stopped: bool = False
+
+
+def _cache_dir(cfg) -> Path | None:
+    """The data cache folder a configuration names (None without a [data] section or when it is invalid)."""
+    if not cfg.data:
+        return None
+    try:
+        return Path(cfg.data_config().cache_dir).expanduser()
+    except ZImageError:
+        return None
+
+
+def _remove_created(paths: list[Path]) -> None:
+    """Remove folders a failed start created: the output folder (all of it: it is new), and a data cache folder
+    only while it holds no finished shard (an interrupted build's shards are kept: the next start continues)."""
+    import shutil
+
+    for p in paths:
+        if not p.is_dir():
+            continue
+        if any(p.glob("shard-*.safetensors")):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        log.info("removed '%s' (created by this failed start)", p)
 
 
 def unit_files(name: str) -> tuple[str, str]:
@@ -209,28 +235,61 @@ class RunBase:
         return acc
 
     def setup(self) -> None:
+        """Accelerator, seeds, :meth:`build`, the resume; ``config.json`` is written once all of it succeeded.
+        A start that fails removes what it created (a new output folder, a new data cache folder still empty)."""
         cfg = self.cfg
         self.acc = acc = self.make_accelerator()
         self.device = acc.device
         self.rank, self.world = acc.process_index, acc.num_processes
         self.out = cfg.out_dir
         self.ckpt_root = self.out / "checkpoints"
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            ck.clean_stale(self.ckpt_root)
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        acc.wait_for_everyone()
-        random.seed(cfg.seed + self.rank)
-        np.random.seed((cfg.seed + self.rank) % 2**32)
-        torch.manual_seed(cfg.seed + self.rank)
-        self.noise_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * (self.rank + 1))
-        self.build()
-        self.writer = self._tensorboard() if acc.is_main_process else None
-        if self.resume is True and ck.latest_checkpoint(self.ckpt_root) is None:
-            log.info("--resume: %s holds no checkpoint yet; starting from step 0", self.ckpt_root)
-        elif self.resume:
-            self.load(ck.resolve_checkpoint(self.out if self.resume is True else self.resume))
+        cfg.check_model_files()  # before anything is made
+        created = [p for p in (self.out, _cache_dir(cfg)) if p is not None and not p.exists()]
+        try:
+            if acc.is_main_process:
+                self.out.mkdir(parents=True, exist_ok=True)
+                ck.clean_stale(self.ckpt_root)
+            acc.wait_for_everyone()
+            random.seed(cfg.seed + self.rank)
+            np.random.seed((cfg.seed + self.rank) % 2**32)
+            torch.manual_seed(cfg.seed + self.rank)
+            self.noise_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * (self.rank + 1))
+            resume_from = self._resume_checkpoint()  # found and checked against this configuration before build
+            self.build()
+            if resume_from is not None:
+                self.load(resume_from, report=False)
+            if acc.is_main_process:
+                if self.step:
+                    self._truncate_metrics(self.step)
+                self.writer = self._tensorboard()
+                with atomic_path(self.out / "config.json") as tmp:  # this run's settings, resumed changes included
+                    tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
+        except BaseException:
+            if acc.is_main_process:
+                _remove_created(created)
+            raise
         self._ready = True
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop the records after ``step`` (written by the run between its last checkpoint and a kill), so a resumed
+        run's ``metrics.jsonl`` has each step once."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept, dropped = [], 0
+        for line in path.read_text().splitlines():
+            try:
+                rec_step = int(json.loads(line).get("step", 0))
+            except (ValueError, AttributeError):
+                rec_step = 0  # keep a line we cannot read rather than lose it
+            if rec_step > step:
+                dropped += 1
+            else:
+                kept.append(line)
+        if dropped:
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(f"{line}\n" for line in kept))
+            log.info("metrics.jsonl: dropped %d record(s) after step %d (not in the resumed checkpoint)", dropped, step)
 
     def _tensorboard(self):
         try:
@@ -238,7 +297,8 @@ class RunBase:
         except Exception:  # noqa: BLE001 - tensorboard is optional
             log.info("TensorBoard is not installed; logging to metrics.jsonl only (pip install tensorboard)")
             return None
-        return SummaryWriter(str(self.out / "tensorboard"))
+        # a resumed run overwrites the events after its checkpoint's step instead of doubling them
+        return SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1 if self.step else None)
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def _meta(self) -> dict:
@@ -339,9 +399,26 @@ class RunBase:
                     state.get("ema") or {}, {n: ck.like(shadow[n], t) for n, t in u.ema.shadow.items()}
                 )
 
-    def load(self, path: Path) -> None:
+    def _resume_checkpoint(self) -> Path | None:
+        """The checkpoint ``--resume`` names, checked (its kind, what changed in the configuration) before the
+        networks and the data are built; None when there is nothing to resume from."""
+        if not self.resume:
+            return None
+        if self.resume is True and ck.latest_checkpoint(self.ckpt_root) is None:
+            log.info("--resume: %s holds no checkpoint yet; starting from step 0", self.ckpt_root)
+            return None
+        path = ck.resolve_checkpoint(self.out if self.resume is True else self.resume)
         meta = ck.read_meta(path)
         self.check_meta(meta, path)
+        check_resume_config(meta.get("config"), self.cfg.to_dict(), path)
+        return path
+
+    def load(self, path: Path, report: bool = True) -> None:
+        meta = ck.read_meta(path)
+        self.check_meta(meta, path)
+        if report:  # refuse, or apply and log each change (setup did it before building)
+            check_resume_config(meta.get("config"), self.cfg.to_dict(), path)
+        wanted = {n: optimizer_hyperparameters(u.optimizer) for n, u in self.units.items() if u.optimizer is not None}
         opt = ck.read_optimizer(path)
         for name, u in self.units.items():
             state = opt if name == MAIN else (opt.get("units") or {}).get(name)
@@ -350,6 +427,8 @@ class RunBase:
                     f"checkpoint '{path}' holds no state for '{name}'; it was written by a run with other networks."
                 )
             self._load_unit(path, name, u, state)
+            if u.optimizer is not None:  # this run's lr, betas, weight decay (the checkpoint's were loaded)
+                restore_hyperparameters(u.optimizer, u.schedule, wanted[name])
         rs = ck.read_rank_state(path, self.rank)
         if rs is None:
             rs = ck.read_rank_state(path, 0)

@@ -29,6 +29,7 @@ from .dit_layout import (
 )
 from .dtypes import resolve_dtype
 from .errors import CheckpointError
+from .outputs import atomic_path
 from .quant import comfy
 from .quant import load as qload
 from .quant.gguf import is_gguf
@@ -109,10 +110,10 @@ def save_dit(
     """Write a native state dict as ``layout``; diffusers goes to a folder (``out/config.json`` + shards)."""
     out = Path(out)
     tensors = native_state_to_layout(state, layout)
-    if layout == "diffusers":
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config_to_diffusers(cfg), indent=2))
-        _save_sharded(tensors, out, "diffusion_pytorch_model", shard_bytes)
+    if layout == "diffusers":  # written under a temporary name next to it, then moved into place
+        with atomic_path(out, folder=True) as tmp:
+            (tmp / "config.json").write_text(json.dumps(config_to_diffusers(cfg), indent=2))
+            _save_sharded(tensors, tmp, "diffusion_pytorch_model", shard_bytes)
         return out
     meta = {"format": "pt"}
     if layout == "zimage":

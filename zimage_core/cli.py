@@ -13,15 +13,57 @@ import sys
 import time
 from pathlib import Path
 
-from . import version
+from . import validate, version
+from .commandline import Parser, add_debug_flag, run_command
 from .errors import ZImageError
 
 log = logging.getLogger("zimage")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump
-        self.exit(2, f"zimage: error: {message} (see zimage {self.prog.split()[-1]} --help)\n")
+_Parser = Parser  # one-line usage errors that name the subcommand: "zimage generate: error: ..."
+
+
+def _whole(lo: int, hi: int | None = None, what: str = "value"):
+    """An argparse type: a whole number in ``[lo, hi]``."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        try:
+            return validate.int_in_range(what, v, lo, hi)
+        except ZImageError as e:
+            raise argparse.ArgumentTypeError(str(e).rstrip(".")) from None
+
+    return parse
+
+
+def _number(text: str) -> float:
+    """An argparse type: a finite number (nan and inf are refused here, not after the run)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+    return v
+
+
+def _vae_tile(text: str):
+    """'auto', 0/off/none (no tiling) or a tile size in pixels (a multiple of 8, at least 32)."""
+    t = text.strip().lower()
+    if t == "auto":
+        return "auto"
+    if t in ("0", "off", "none"):
+        return None
+    try:
+        v = int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not 'auto', 0 (off) or a tile size in pixels") from None
+    if v < 32 or v % 8:
+        raise argparse.ArgumentTypeError(f"tile size {v} must be a multiple of 8, at least 32 (or 0 = off, or auto)")
+    return v
 
 
 def _multiple_of_16(text: str) -> int:
@@ -53,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="zimage", description="Z-Image (S3-DiT) inference and checkpoint tools.")
     p.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and chosen")
     p.add_argument("--version", action="version", version=f"zimage {version()}")
+    add_debug_flag(p)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", help="text to image (also img2img / inpainting)")
@@ -66,26 +109,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative", default=None, help="negative prompt (used when --cfg > 1)")
     g.add_argument("--width", type=_multiple_of_16, default=1024)
     g.add_argument("--height", type=_multiple_of_16, default=1024)
-    g.add_argument("--steps", type=int, default=8)
-    g.add_argument("--cfg", type=float, default=1.0, help="ComfyUI convention: 1 = off (Turbo), ~4 for Base")
-    g.add_argument("--cfg-normalization", type=float, default=0.0, help="cap |guided| at this x |cond| (0 = off)")
-    g.add_argument("--cfg-truncation", type=float, default=1.0, help="no guidance once 1 - sigma exceeds this")
-    g.add_argument("--shift", type=float, default=3.0)
+    g.add_argument("--steps", type=_whole(1, 10_000, "steps"), default=8)
+    g.add_argument("--cfg", type=_number, default=1.0, help="ComfyUI convention: 1 = off (Turbo), ~4 for Base")
+    g.add_argument("--cfg-normalization", type=_number, default=0.0, help="cap |guided| at this x |cond| (0 = off)")
+    g.add_argument("--cfg-truncation", type=_number, default=1.0, help="no guidance once 1 - sigma exceeds this")
+    g.add_argument("--shift", type=_number, default=3.0)
     g.add_argument(
         "--sampler", default="euler", choices=sorted(SAMPLERS), metavar="{" + ",".join(sorted(SAMPLERS)) + "}"
     )
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch", type=int, default=1)
+    g.add_argument("--seed", type=_whole(0, validate.SEED_MAX, "seed"), default=0)
+    g.add_argument("--batch", type=_whole(1, 4096, "batch"), default=1)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument(
         "--dtype", default="auto", choices=["auto", *DTYPE_NAMES], help="weights and compute (torch names too)"
     )
-    g.add_argument("--max-length", type=int, default=512, help="prompt token limit (0 = none)")
+    g.add_argument(
+        "--max-length", type=_whole(0, None, "max length"), default=512, help="prompt token limit (0 = none)"
+    )
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="repeatable")
     g.add_argument("--init-image", help="start from this image (img2img)")
-    g.add_argument("--denoise", type=float, default=1.0, help="img2img strength (ComfyUI denoise)")
+    g.add_argument("--denoise", type=_number, default=1.0, help="img2img strength (ComfyUI denoise)")
     g.add_argument("--mask", help="inpainting mask image (white = repaint); needs --init-image")
-    g.add_argument("--vae-tile", default="auto", help="VAE tile size in pixels, 'auto' or 0 (off)")
+    g.add_argument("--vae-tile", type=_vae_tile, default="auto", help="VAE tile size in pixels, 'auto' or 0 (off)")
     perf = g.add_argument_group("memory and speed (never change the image, except --quant)")
     perf.add_argument(
         "--memory",
@@ -109,7 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="attention kernel; auto: FlashAttention 3/2 when installed and usable, else SDPA",
     )
     perf.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (slow first run)")
-    g.add_argument("--out", required=True, help="output PNG; with --batch B: <stem>_<i><suffix>")
+    g.add_argument(
+        "--out",
+        required=True,
+        help="output PNG (or .jpg/.webp, parameters in EXIF); with --batch B: <stem>_<i><suffix>",
+    )
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("convert", help="rewrite a DiT checkpoint in another layout, losslessly")
@@ -119,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="keep", choices=["keep", *DTYPE_NAMES])
     c.set_defaults(func=cmd_convert)
 
-    i = sub.add_parser("info", help="what a checkpoint is: layout and inferred architecture")
+    i = sub.add_parser("info", help="what a model file is: DiT, text encoder, VAE or LoRA, with its layout and config")
     i.add_argument("path")
     i.set_defaults(func=cmd_info)
     return p
@@ -132,20 +181,11 @@ def output_paths(out: str, n: int) -> list[Path]:
     return [p.with_name(f"{p.stem}_{i}{p.suffix}") for i in range(n)]
 
 
-def _png_info(params: dict):
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    human = ", ".join(f"{k}: {v}" for k, v in params.items() if k not in ("prompt", "negative"))
-    text = f"{params.get('prompt')}\nNegative prompt: {params.get('negative') or ''}\n{human}"
-    info.add_text("parameters", text)
-    info.add_text("zimage", json.dumps(params, default=str))
-    return info
-
-
-def cmd_generate(args) -> int:
-    from .oneshot import prepare
-    from .pipeline import GenerateOptions, ZImagePipeline
+def generate_options(args):
+    """The typed, validated request of ``zimage generate`` and its checked inputs, before any model is loaded:
+    options (ranges, finiteness), the device, every output path, the LoRA files and the init image and mask
+    (fully decoded). Returns ``(options, device, loras, init image, mask image)``."""
+    from .pipeline import GenerateOptions
 
     if args.mask and not args.init_image:
         raise ZImageError("--mask needs --init-image (the picture to inpaint).")
@@ -166,9 +206,25 @@ def cmd_generate(args) -> int:
         denoise=args.denoise,
     )
     opts.validate()
+    device = validate.device(args.device)
+    for path in output_paths(args.out, len(opts.prompts())):
+        validate.writable_path(path, "--out", validate.IMAGE_SUFFIXES)
+    loras = _parse_loras(args.lora)
+    for path, _ in loras:
+        validate.readable_file(path, "--lora file")
+    init = validate.readable_image(args.init_image, "--init-image") if args.init_image else None
+    mask = validate.readable_image(args.mask, "--mask") if args.mask else None
+    return opts, device, loras, init, mask
+
+
+def cmd_generate(args) -> int:
+    from .oneshot import prepare
+    from .outputs import save_image
+    from .pipeline import ZImagePipeline
+
+    opts, device, loras, init_img, mask_img = generate_options(args)
     prepare()  # one job, then exit: recycle freed memory, collect garbage cheaply
     t0 = time.perf_counter()
-    loras = _parse_loras(args.lora)
     # One-shot: each component is loaded just before its stage and freed right after (files are checked now).
     pipe = ZImagePipeline.load(
         args.model,
@@ -176,7 +232,7 @@ def cmd_generate(args) -> int:
         args.text_encoder,
         args.vae,
         args.tokenizer,
-        device=args.device,
+        device=device,
         dtype=args.dtype,
         memory=args.memory,
         quant=args.quant,
@@ -185,12 +241,9 @@ def cmd_generate(args) -> int:
         loras=loras,
         lazy=True,
     )
-    tile = (
-        None
-        if args.vae_tile in ("0", "off", "none")
-        else (args.vae_tile if args.vae_tile == "auto" else int(args.vae_tile))
-    )
-    init, mask = _init_latents(pipe, opts, args.init_image, args.mask) if args.init_image else (None, None)
+    tile = args.vae_tile
+    pipe.check_request(opts, tile)  # the size and batch fit the device (from the files' headers, nothing loaded)
+    init, mask = _init_latents(pipe, opts, init_img, mask_img) if init_img is not None else (None, None)
     images = pipe.generate(opts, init_latents=init, mask=mask, tile=tile)
     params = {
         "prompt": opts.prompt,
@@ -210,8 +263,7 @@ def cmd_generate(args) -> int:
     if args.quant != "none":
         params["quant"] = args.quant
     for i, (img, path) in enumerate(zip(images, output_paths(args.out, len(images)))):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        img.save(path, pnginfo=_png_info({**params, "index": i}))
+        save_image(img, path, {**params, "index": i})  # atomic: a temporary name, then a rename
         log.info("wrote %s", path)
     log.info("done in %.1fs", time.perf_counter() - t0)
     return 0
@@ -225,7 +277,7 @@ def _parse_loras(specs: list[str]) -> list[tuple[str, float]]:
     return [parse_lora_arg(spec) for spec in specs]
 
 
-def _init_latents(pipe, opts, init_image: str, mask_path: str | None):
+def _init_latents(pipe, opts, init_img, mask_img):
     """Encode the img2img start image (VAE mean) and the optional inpainting mask at latent size."""
     import numpy as np
     import torch
@@ -234,38 +286,30 @@ def _init_latents(pipe, opts, init_image: str, mask_path: str | None):
     from .sampling import prepare_mask
     from .vae import pil_to_tensor
 
-    img = _open_image(init_image).convert("RGB").resize((opts.width, opts.height), Image.LANCZOS)
+    img = init_img.convert("RGB").resize((opts.width, opts.height), Image.LANCZOS)
     x0 = pipe.encode_image(pil_to_tensor([img]))
     mask = None
-    if mask_path:
-        m = _open_image(mask_path).convert("L").resize((opts.width, opts.height), Image.NEAREST)
+    if mask_img is not None:
+        m = mask_img.convert("L").resize((opts.width, opts.height), Image.NEAREST)
         mask = prepare_mask(torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0), x0.shape[-2], x0.shape[-1])
     return x0, mask
-
-
-def _open_image(path: str):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        return Image.open(path)
-    except FileNotFoundError:
-        raise ZImageError(f"image '{path}' does not exist.") from None
-    except UnidentifiedImageError:
-        raise ZImageError(f"'{path}' is not an image PIL can read.") from None
 
 
 def cmd_convert(args) -> int:
     from .checkpoints import convert_dit
 
+    if not Path(args.src).is_dir():
+        validate.readable_file(args.src, "convert SRC")
+    validate.writable_path(args.dst, "convert DST", folder_ok=args.layout == "diffusers")
     out = convert_dit(args.src, args.dst, args.layout, None if args.dtype == "keep" else args.dtype)
     log.info("wrote %s (%s layout)", out, args.layout)
     return 0
 
 
 def cmd_info(args) -> int:
-    from .quant.load import dit_file_info  # layout, config, and quantization (GGUF, ComfyUI fp8/int8)
+    from .fileinfo import describe_file  # DiT (layout, config, quantization), text encoder, VAE or LoRA
 
-    sys.stdout.write(json.dumps(dit_file_info(args.path), indent=2) + "\n")
+    sys.stdout.write(json.dumps(describe_file(args.path), indent=2) + "\n")
     return 0
 
 
@@ -275,17 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    try:
-        return args.func(args)
-    except ZImageError as e:
-        sys.stderr.write(f"zimage: error: {e}\n")
-        return 2
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        sys.stderr.write(f"zimage: error: {e}\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("zimage: interrupted\n")
-        return 130
+    return run_command(f"zimage {args.command}", lambda: args.func(args), debug=args.debug)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -77,14 +77,12 @@ def rope_angles(pos: torch.Tensor, cfg: DiTConfig) -> torch.Tensor:
 
 
 def make_rope(pos: torch.Tensor, cfg: DiTConfig) -> Rope:
-    """Rope tables for positions ``[B, S, 3]``; rows of padding may carry any position."""
-    for axis, limit in enumerate(cfg.axes_lens):
-        top = int(pos[..., axis].max()) if pos.numel() else 0
-        if top >= limit:
-            raise ValueError(
-                f"RoPE position {top} on axis {axis} exceeds the model's table ({limit}); "
-                "use a shorter prompt or a smaller image."
-            )
+    """Rope tables for positions ``[B, S, 3]``; rows of padding may carry any position.
+
+    The angles are computed from the positions, so there is no table to overflow: positions beyond the
+    reference table's length (``axes_lens``, e.g. a prompt longer than 1536 tokens with ``max_length=None``)
+    work (:func:`zimage_core.pipeline.denoise_latents` warns that the model was not trained on them).
+    """
     ang = rope_angles(pos, cfg)
     return Rope(torch.complex(torch.cos(ang), torch.sin(ang)).unsqueeze(2))
 

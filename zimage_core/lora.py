@@ -91,7 +91,8 @@ def parse_lora_arg(arg: str) -> tuple[str, float]:
     try:
         strength = float(tail)
     except ValueError:
-        if re.fullmatch(r"[-+0-9.eE]*", tail):
+        # "style.safetensors:abc" names an existing file with a bad strength, not a missing file "...:abc"
+        if re.fullmatch(r"[-+0-9.eE]*", tail) or (os.path.isfile(path) and not os.path.exists(arg)):
             raise LoraError(
                 f"--lora '{arg}': '{tail}' is not a number; use FILE[:STRENGTH], e.g. style.safetensors:0.8"
             ) from None

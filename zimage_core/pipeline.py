@@ -29,6 +29,7 @@ from .memory.planner import MemoryMode, parse_memory_mode
 from .memory.streaming import flush_streamers
 from .sampling import get_sampler, initial_noise, latent_shape, sample
 from .schedules import img2img_sigmas
+from .validate import start_latents, warn_untrained_positions
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +55,49 @@ class GenerateOptions:
     loras: list[tuple[str, float]] = field(default_factory=list)
 
     def validate(self) -> None:
+        """Check every field (types, ranges, finiteness) and normalise whole-number floats to ints; one
+        :class:`ZImageError` naming the field otherwise."""
+        from . import validate as v
+
+        for name in ("prompt", "negative"):
+            value = getattr(self, name)
+            if value is None and name == "negative":
+                continue
+            texts = [value] if isinstance(value, str) else value
+            if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+                raise ZImageError(f"{name} must be a string or a non-empty list of strings, got {value!r}.")
         for name in ("width", "height"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < PIXEL_MULTIPLE or v % PIXEL_MULTIPLE:
-                raise ZImageError(
-                    f"{name} {v} is not a positive multiple of {PIXEL_MULTIPLE} (VAE x8 times patch 2); "
-                    f"try {max(PIXEL_MULTIPLE, round(v / PIXEL_MULTIPLE) * PIXEL_MULTIPLE) if isinstance(v, int) else 1024}."
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < PIXEL_MULTIPLE or val % PIXEL_MULTIPLE:
+                try_ = (
+                    max(PIXEL_MULTIPLE, round(val / PIXEL_MULTIPLE) * PIXEL_MULTIPLE) if isinstance(val, int) else 1024
                 )
-        if self.steps < 1:
-            raise ZImageError(f"steps must be at least 1, got {self.steps}.")
-        if self.batch < 1:
-            raise ZImageError(f"batch must be at least 1, got {self.batch}.")
-        if self.cfg < 1.0:
+                raise ZImageError(
+                    f"{name} {val} is not a positive multiple of {PIXEL_MULTIPLE} (VAE x8 times patch 2); try {try_}."
+                )
+        self.steps = v.int_in_range("steps", self.steps, 1, 10_000)
+        self.batch = v.int_in_range("batch", self.batch, 1, 4096)
+        self.seed = v.seed(self.seed)
+        cfg = v.finite_float("cfg", self.cfg)
+        if cfg < 1.0:
             raise ZImageError(f"cfg {self.cfg} is below 1 (ComfyUI convention: 1 = off, 4 = Base default).")
-        if not 0.0 < self.denoise <= 1.0:
+        v.finite_float("shift", self.shift, 0.0, lo_open=True)
+        v.finite_float("cfg_normalization", self.cfg_normalization, 0.0)
+        v.finite_float("cfg_truncation", self.cfg_truncation, 0.0)
+        if self.max_length is not None:
+            self.max_length = v.int_in_range("max_length (prompt tokens; None = no limit)", self.max_length, 1)
+        if (
+            not isinstance(self.denoise, (int, float))
+            or isinstance(self.denoise, bool)
+            or not 0.0 < self.denoise <= 1.0
+        ):
             raise ZImageError(f"denoise must be in (0, 1], got {self.denoise}.")
+        for item in self.loras:
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise ZImageError(f"loras must hold (file, strength) pairs, got {item!r}.")
+            v.finite_float(f"the strength of LoRA '{item[0]}'", item[1])
+        if not isinstance(self.sampler, str):
+            raise ZImageError(f"sampler must be a name, got {self.sampler!r}.")
         get_sampler(self.sampler)
 
     def prompts(self) -> list[str]:
@@ -126,6 +155,7 @@ def denoise_latents(
     b, _, h, w = noise.shape
     if len(cond) != b:
         raise ZImageError(f"{len(cond)} conditionings for a batch of {b} latents.")
+    warn_untrained_positions(dit.cfg, max(_tokens(c) for c in list(cond) + list(uncond or [])), h, w)
     denoise = opts.denoise if init_latents is not None else 1.0
     sig = img2img_sigmas(opts.steps, opts.shift, denoise).to(device, torch.float32).contiguous()
     omni = any(isinstance(c, OmniCondition) for c in list(cond) + list(uncond or []))
@@ -523,6 +553,37 @@ class ZImagePipeline:
 
         return self._vae_stage(run, tuple(pixels.shape[-2:]), pixels.shape[0])
 
+    def check_request(self, opts: GenerateOptions, tile: int | str | None = "auto") -> None:
+        """Refuse a size and batch whose working memory cannot fit the device (before anything is loaded when the
+        pipeline was built by :meth:`load`: the DiT's architecture comes from its file header)."""
+        from .validate import check_request_memory
+
+        if self._dit is not None:
+            dit_cfg = self._dit.cfg
+        elif "dit" in self._estimates:
+            dit_cfg = self._estimates["dit"][1]
+        else:
+            return
+        dtype = self.sources.dtype if self.sources is not None else (self._dit.dtype if self._dit else torch.float32)
+        elt = torch.empty((), dtype=dtype).element_size()
+        resident = 0
+        if self.residency is not None:
+            from .memory.components import on_device_bytes
+
+            te = self._te.model if self._te is not None and self._te.loaded else None
+            resident = sum(on_device_bytes(m, self.device) for m in (self._dit, self._vae, te))
+        check_request_memory(
+            dit_cfg,
+            opts.width,
+            opts.height,
+            len(opts.prompts()),
+            opts.cfg > 1.0,
+            opts.max_length or 512,
+            self.device,
+            elt,
+            extra=resident,
+        )
+
     def generate(
         self,
         opts: GenerateOptions,
@@ -539,6 +600,8 @@ class ZImagePipeline:
         opts.validate()
         prompts = opts.prompts()
         use_cfg = opts.cfg > 1.0
+        start_latents(init_latents, mask, latent_shape(len(prompts), opts.height, opts.width))
+        self.check_request(opts, tile)
         self._work = Workload(opts.width, opts.height, len(prompts), use_cfg, opts.max_length or 512)
         try:
             texts = prompts + (opts.negatives() if use_cfg else [])

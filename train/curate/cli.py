@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from zimage_core.errors import ZImageError
+from zimage_core.commandline import Parser, add_debug_flag, run_command
 
 from .config import CurateConfig, CurateError
 from .manifest import MANIFEST
@@ -25,8 +25,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m train.curate", description=__doc__)
-    sub = ap.add_subparsers(dest="stage", required=True)
+    ap = Parser(prog="python -m train.curate", description=__doc__)
+    add_debug_flag(ap)
+    sub = ap.add_subparsers(dest="stage", required=True, parser_class=Parser)
 
     p = sub.add_parser("profile", help="measure every image; reject by the [curate.filters] thresholds")
     p.add_argument("--input", required=True, help="folder of images (searched recursively)")
@@ -118,6 +119,9 @@ def _embeddings(args, out: Path):
 
 def run(args, cfg: CurateConfig) -> dict:
     out = Path(args.out).expanduser()
+    given = getattr(args, "input", None)
+    if given is not None and not Path(given).expanduser().is_dir():  # before OUT is made: a typo leaves nothing
+        raise CurateError(f"the input folder '{given}' does not exist; give --input a folder of images.")
     out.mkdir(parents=True, exist_ok=True)
     st = args.stage
     if st == "profile":
@@ -197,14 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    try:
+
+    def body() -> int:
         over = {"engine": args.engine, "shard_size": args.shard_size}
         if args.no_progress:
             over["progress"] = False
         cfg = CurateConfig.load(args.config, over)
         res = run(args, cfg)
-    except ZImageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(res, default=str))
-    return 0
+        sys.stdout.write(json.dumps(res, default=str) + "\n")
+        return 0
+
+    return run_command(f"train.curate {args.stage}", body, debug=args.debug)

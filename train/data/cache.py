@@ -68,7 +68,7 @@ def read_json(path: Path, what: str) -> dict | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DataError(
-            f"the {what} '{path}' is unreadable ({e}); rebuild the cache (rebuild=True / --rebuild)."
+            f"the {what} '{path}' is unreadable ({e}); delete the cache folder and run again (it is rebuilt; build_cache(..., rebuild=True) in code)."
         ) from e
 
 
@@ -139,7 +139,7 @@ def _clear(root: Path) -> None:
 
 
 def _check(record: dict, what: str, root: Path, fp: str, identity: dict, listing: str | None, encoders: list) -> None:
-    hint = "Use a new cache_dir, or rebuild this one (rebuild=True / --rebuild)."
+    hint = "Use a new cache_dir, or rebuild this one: delete the folder and run again (build_cache(..., rebuild=True) in code)."
     if record.get("fingerprint") != fp:
         diff = describe_mismatch(record.get("identity", {}), identity)
         raise DataError(f"the {what} at '{root}' was made for another data configuration ({diff}). {hint}")
@@ -204,7 +204,7 @@ def build_cache(
         _check(plan_rec, "interrupted cache build", root, fp, identity, listing, encoders)
     elif any(root.glob("shard-*.safetensors")):
         raise DataError(
-            f"'{root}' holds cache shards but no build plan; rebuild it (rebuild=True / --rebuild) or "
+            f"'{root}' holds cache shards but no build plan; delete it and run again to rebuild it, or "
             "use an empty cache_dir."
         )
     if vae is None or text_encoder is None:

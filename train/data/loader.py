@@ -89,7 +89,7 @@ class CachedData:
             diff = describe_mismatch(man.get("identity", {}), cfg.cache_identity())
             raise DataError(
                 f"the data cache at '{root}' was made for another data configuration ({diff}). Use a new cache_dir, "
-                "or rebuild it (rebuild=True / --rebuild)."
+                "or rebuild it: delete the folder and run again (build_cache(..., rebuild=True) in code)."
             )
         self.manifest = man
         self.samples: list[dict] = man["samples"]

@@ -491,7 +491,8 @@ def sample_weights(sources: list[dict]) -> dict[str, float]:
 # ---- all sources -----------------------------------------------------------------------------------
 def scan_source(index: int, spec: dict, levels) -> list[Item]:
     weight = float(spec.get("weight", 1.0))
-    path = Path(spec["path"]).expanduser()
+    # resolved like the cache identity (DataConfig.cache_identity), so the listing of "data" and "/abs/data" agree
+    path = Path(spec["path"]).expanduser().resolve()
     if spec["type"] == "folder":
         return scan_folder(index, path, levels, weight)
     if spec["type"] == "edit_jsonl":

@@ -279,6 +279,12 @@ class DMDRTrainer(Distiller):
         info["reward/total"] = self._mean(total)
         if not active:
             return None, info
+        flat = [k for k, v in scores.items() if not v.requires_grad]
+        if flat:
+            raise ZImageError(
+                f"DMDR's reward term needs a gradient, but reward(s) {flat} returned scores without one (e.g. a "
+                "function returning numbers or detached tensors); return a tensor computed from the images."
+            )
         loss = -rl.reward_weight * total.float().mean()
         info["loss_reward"] = float(loss.detach())
         return loss, info

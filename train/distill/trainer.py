@@ -234,9 +234,9 @@ class Distiller(RunBase):
             v = Denoiser(self.nets.fake, cond, None, (h, w))(x, sigma)
         return v, store["feats"]
 
-    def generator_extra(self, x0: torch.Tensor, batch) -> tuple[torch.Tensor | None, dict]:
-        """A further generator loss on the student's ``x0`` (with gradients) and its metrics: none here; DMDR
-        (:mod:`train.rl.dmdr`) adds its reward term."""
+    def generator_extra(self, x0: torch.Tensor, batch, gen: torch.Generator) -> tuple[torch.Tensor | None, dict]:
+        """A further generator loss on the student's ``x0`` (with gradients) and its metrics (``gen``: the
+        micro-batch's keyed generator): none here; DMDR (:mod:`train.rl.dmdr`) adds its reward term."""
         return None, {}
 
     def _step_optimizer(self, opt, params: dict, clip: float) -> float:
@@ -291,7 +291,7 @@ class Distiller(RunBase):
             x0, cond, sig = self.generate(batch, gen, k, grad=True)
             delta, terms = self.direction(x0.detach(), cond, sig, gen)
             loss = L.matching_loss(x0, delta)
-            extra, extra_info = self.generator_extra(x0, batch)
+            extra, extra_info = self.generator_extra(x0, batch, gen)
             if extra is not None:
                 loss = loss + extra
             terms = {**terms, **extra_info}

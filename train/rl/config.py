@@ -9,7 +9,7 @@ iterations for GRPO and generator updates for DMDR. No ``[data]`` section is nee
 DMDR (``method = "dmdr"``, :mod:`train.rl.dmdr`) is a distillation run: its distillation settings are the
 ``[distill]`` keys given as ``[rl.distill]`` (the teacher is ``policy``; no GAN, backward simulation only), the
 student's grid and the teacher's guidance come from there (``rl.steps``/``shift``/``cfg`` are not used), and
-``batch`` is the prompts per micro-batch.
+``batch`` is the prompts per micro-batch (``dmdr_reward = "grpo"``: ``prompts_per_step`` x ``group_size``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from ..config import ConfigError, DistillSection, TrainConfig, _build
 
 #: The RL methods: offline Diffusion-DPO, online Flow-GRPO, and DMDR (distillation with a reward).
 METHODS = ("dpo", "grpo", "dmdr")
-#: How DMDR's reward enters the generator's loss (``refl``: the reward's gradient through the decoded x0).
-DMDR_REWARDS = ("refl",)
+#: How DMDR's reward enters the generator's loss (``refl``: the reward's gradient through the decoded x0;
+#: ``grpo``: group-relative advantages of Gaussian perturbations of x0, no reward gradient needed).
+DMDR_REWARDS = ("refl", "grpo")
 
 
 @dataclass
@@ -72,7 +73,8 @@ class RLConfig:
     curriculum_warmup: int = -1  # steps until all pairs are available (-1 = half of max_steps, 0 = none)
     # DMDR (distillation with a reward; the [distill] keys as [rl.distill])
     distill: DistillSection = field(default_factory=DistillSection)
-    dmdr_reward: str = "refl"  # refl: -reward_weight * reward(decode(x0)), back-propagated into the student
+    dmdr_reward: str = "refl"  # refl: -reward_weight * reward(decode(x0)) | grpo: advantages (group_size per prompt)
+    dmdr_noise: float = 0.1  # grpo: std of the Gaussian perturbation of x0 whose rewards give the advantages
     reward_weight: float = 1.0  # weight of the reward term against the DM term
     reward_start: int = 0  # generator updates of cold start (DM only) before the reward term joins
     dynadg_steps: int = 0  # DynaDG: real-score tilt annealed to 0 over these generator updates (0 = off)
@@ -124,10 +126,15 @@ class RLConfig:
 
     def _validate_dmdr(self, max_steps: int) -> None:
         if self.dmdr_reward not in DMDR_REWARDS:
-            raise ConfigError(
-                f"rl.dmdr_reward '{self.dmdr_reward}' must be one of {', '.join(DMDR_REWARDS)} (the GRPO-advantage "
-                "variant of DMDR is not built; use method = 'grpo' on the distilled model for that)."
-            )
+            raise ConfigError(f"rl.dmdr_reward '{self.dmdr_reward}' must be one of {', '.join(DMDR_REWARDS)}.")
+        if self.dmdr_reward == "grpo":
+            if self.group_size < 2 or self.prompts_per_step < 1 or not self.dmdr_noise > 0:
+                raise ConfigError(
+                    "rl: DMDR with dmdr_reward = 'grpo' needs group_size >= 2 (samples per prompt in a micro-batch), "
+                    "prompts_per_step >= 1 and dmdr_noise > 0."
+                )
+            if self.aggregate not in ("advantage", "reward") or self.adv_std not in ("group", "global"):
+                raise ConfigError("rl: aggregate must be 'advantage' or 'reward', adv_std 'group' or 'global'.")
         if self.reward_weight < 0 or self.reward_start < 0:
             raise ConfigError("rl: reward_weight and reward_start must be >= 0.")
         if self.dynadg_steps < 0 or self.dynars_steps < 0:

@@ -12,6 +12,12 @@ TTUR, Decoupled DMD / DMD2 / CA terms, checkpoints and export); this module adds
   ``reward_start`` on (the cold start before it is distillation only, the paper's first stage). That is the
   reward-tilted target ``p_real(x) exp(r(x) / beta)``: its KL gradient is the DM gradient minus the reward's.
   The rewards are logged per reward (``reward/<label>``) during the cold start too.
+- or **the GRPO advantage** (``dmdr_reward = "grpo"``; rewards need no gradient): a micro-batch is
+  ``prompts_per_step`` prompts x ``group_size`` samples; each sample's ``x0`` is perturbed,
+  ``x~ = x0 + dmdr_noise * eps``, decoded and scored, the scores become group-relative (composite) advantages
+  (:func:`train.rl.grpo.advantages`), and the loss is the clipped objective (:func:`train.rl.grpo.clipped_objective`)
+  on the Gaussian log-probability ``log N(x~; x0, dmdr_noise^2)``: its gradient moves ``x0`` toward the
+  perturbations that scored above their group (a score-function estimate of the reward's gradient in x0 space).
 - **DynaDG** (dynamic distribution guidance): for the first ``dynadg_steps`` generator updates the real score is
   tilted toward the fake score: it is the frozen base *plus the fake score's LoRA* at
   ``dynadg_scale * cosine(step / dynadg_steps)`` of the fake's own scale (the DMDR code runs the fake LoRA at 2.0
@@ -43,6 +49,7 @@ from ..distill import Distiller
 from ..distill.networks import shared_twin
 from ..lora_train import ADAPTER, _add_side_path, adapters
 from ..objective import shift_sigmas
+from . import grpo as G
 from .config import RLConfig, rl_config
 from .rewards import build_rewards
 from .trainer import PromptSampler
@@ -108,8 +115,8 @@ class PromptBatch:
 class PromptBatches:
     """``batch`` prompts at a time in seeded epochs (:class:`train.rl.trainer.PromptSampler`), per process."""
 
-    def __init__(self, data: PromptData, batch: int, seed: int):
-        self.data, self.batch = data, batch
+    def __init__(self, data: PromptData, batch: int, seed: int, group: int = 1):
+        self.data, self.batch, self.group = data, batch, group
         self.sampler = PromptSampler(len(data.prompts), seed)
 
     @property
@@ -117,7 +124,7 @@ class PromptBatches:
         return self.sampler.epoch
 
     def __next__(self) -> PromptBatch:
-        idx = self.sampler.take(self.batch)
+        idx = [i for i in self.sampler.take(self.batch) for _ in range(self.group)]
         lat = torch.zeros((len(idx), 16, self.data.height // 8, self.data.width // 8))
         return PromptBatch([self.data.feats[i] for i in idx], lat, [self.data.prompts[i] for i in idx])
 
@@ -140,7 +147,8 @@ class PromptData:
     empty_feats: torch.Tensor
     width: int
     height: int
-    batch: int
+    batch: int  # distinct prompts per micro-batch
+    group: int = 1  # samples per prompt (GRPO groups)
 
     empty = ""
 
@@ -152,7 +160,7 @@ class PromptData:
         return self.empty_feats
 
     def batches(self, seed: int, rank: int, world: int) -> PromptBatches:
-        return PromptBatches(self, self.batch, seed * 7 + rank)
+        return PromptBatches(self, self.batch, seed * 7 + rank, self.group)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +206,16 @@ class DMDRTrainer(Distiller):
         for i in range(0, len(texts), 64):
             chunk = texts[i : i + 64]
             feats.update(zip(chunk, (f.detach().cpu() for f in te.encode(chunk))))
-        self.data = PromptData(prompts, [feats[p] for p in prompts], feats[""], rl.width, rl.height, rl.batch)
+        grpo = rl.dmdr_reward == "grpo"
+        self.data = PromptData(
+            prompts,
+            [feats[p] for p in prompts],
+            feats[""],
+            rl.width,
+            rl.height,
+            rl.prompts_per_step if grpo else rl.batch,
+            rl.group_size if grpo else 1,
+        )
         self.vae = load_vae_for(cfg.model, self.device).requires_grad_(False)
         self.renderer = None
         if cfg.samples.every > 0:
@@ -212,7 +229,7 @@ class DMDRTrainer(Distiller):
         super().build()
         rl = self.rl
         self.rewards = build_rewards(rl.rewards)
-        if rl.reward_weight > 0 and not self.rewards.differentiable:
+        if rl.dmdr_reward == "refl" and rl.reward_weight > 0 and not self.rewards.differentiable:
             stiff = [label for label, r, _ in self.rewards.entries if not r.differentiable]
             raise ZImageError(
                 f"DMDR's reward term back-propagates through the rewards, but {stiff} are not differentiable; "
@@ -268,9 +285,11 @@ class DMDRTrainer(Distiller):
             self.nets.teacher = teacher
 
     # ---- the reward term ------------------------------------------------------------------------
-    def generator_extra(self, x0: torch.Tensor, batch) -> tuple[torch.Tensor | None, dict]:
+    def generator_extra(self, x0: torch.Tensor, batch, gen: torch.Generator) -> tuple[torch.Tensor | None, dict]:
         rl = self.rl
         active = rl.reward_weight > 0 and self.step >= rl.reward_start
+        if rl.dmdr_reward == "grpo":
+            return self.grpo_term(x0, batch, gen, active)
         with torch.enable_grad() if active else torch.no_grad():
             images = images_from_latents(self.vae, x0 if active else x0.detach())
             scores = self.rewards.scores(images, batch.prompts)
@@ -286,6 +305,31 @@ class DMDRTrainer(Distiller):
                 "function returning numbers or detached tensors); return a tensor computed from the images."
             )
         loss = -rl.reward_weight * total.float().mean()
+        info["loss_reward"] = float(loss.detach())
+        return loss, info
+
+    def grpo_term(
+        self, x0: torch.Tensor, batch, gen: torch.Generator, active: bool
+    ) -> tuple[torch.Tensor | None, dict]:
+        """The GRPO-advantage reward term (module docstring); the perturbation comes from the micro-batch's
+        keyed generator."""
+        rl = self.rl
+        b = x0.shape[0]
+        eps = torch.randn(tuple(x0.shape), generator=gen, dtype=torch.float32).to(x0.device)
+        x_t = x0.detach().float() + rl.dmdr_noise * eps
+        with torch.no_grad():
+            scores = self.rewards.scores(images_from_latents(self.vae, x_t), batch.prompts)
+        groups = torch.arange(b) // rl.group_size
+        adv, valid = G.advantages(scores, self.rewards.weights, groups, rl.aggregate, rl.adv_std, rl.adv_clip)
+        info = {f"reward/{k}": self._mean(v) for k, v in scores.items()}
+        info["reward/total"] = self._mean(self.rewards.total(scores))
+        info["zero_std_ratio"] = float(1.0 - valid.float().mean())
+        if not active:
+            return None, info
+        dims = tuple(range(1, x0.ndim))
+        log_prob = -((x_t - x0.float()) ** 2).mean(dim=dims) / (2.0 * rl.dmdr_noise**2)
+        per, _ = G.clipped_objective(log_prob, log_prob.detach(), adv.to(x0.device), rl.clip_range)
+        loss = rl.reward_weight * per.mean()
         info["loss_reward"] = float(loss.detach())
         return loss, info
 

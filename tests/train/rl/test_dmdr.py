@@ -90,7 +90,9 @@ def _rl(**kw) -> dict:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"dmdr_reward": "grpo"}, "dmdr_reward"),
+        ({"dmdr_reward": "ppo"}, "dmdr_reward"),
+        ({"dmdr_reward": "grpo", "group_size": 1}, "group_size >= 2"),
+        ({"dmdr_reward": "grpo", "dmdr_noise": 0.0}, "dmdr_noise > 0"),
         ({"reward_weight": -1.0}, "reward_weight"),
         ({"dynadg_scale": 1.5}, "dynadg_scale"),
         ({"dynars_alpha": 0.0}, "dynars_alpha"),
@@ -191,7 +193,7 @@ def test_reward_term_gradient_raises_the_reward(built):
     run = built
     batch = _batch(run)
     x0 = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
-    loss, info = run.generator_extra(x0, batch)
+    loss, info = run.generator_extra(x0, batch, None)
     (grad,) = torch.autograd.grad(loss, x0)
     loss = float(loss.detach())
     with torch.no_grad():
@@ -201,7 +203,7 @@ def test_reward_term_gradient_raises_the_reward(built):
     assert info["reward/brightness"] == pytest.approx(float(before), rel=1e-5)
     assert float(after) > float(before)  # descending the term's gradient brightens the decoded images
     run.rl.reward_start = 5  # the cold start: the reward is measured but adds no loss
-    cold, cold_info = run.generator_extra(x0, batch)
+    cold, cold_info = run.generator_extra(x0, batch, None)
     run.rl.reward_start = 0
     assert cold is None and "reward/brightness" in cold_info and "loss_reward" not in cold_info
 
@@ -296,3 +298,39 @@ def test_stopped_and_resumed_dmdr_equals_uninterrupted(tmp_path, teacher):
     mb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert [r["loss"] for r in ma] == [r["loss"] for r in mb]
     assert [r["dynadg_tilt"] for r in ma] == pytest.approx([0.375, 0.28125, 0.09375, 0.0])
+
+
+def test_grpo_term_estimates_the_reward_gradient_from_scores_alone(built):
+    run, rl = built, built.rl
+    saved = (rl.dmdr_reward, rl.group_size, rl.dmdr_noise, rl.clip_range)
+    rl.dmdr_reward, rl.group_size, rl.dmdr_noise, rl.clip_range = "grpo", 256, 0.1, 0.2
+    try:
+        x = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(3))
+        batch = PromptBatch([run.data.feats[0]] * 256, torch.zeros(256, 16, 4, 4), [run.data.prompts[0]] * 256)
+        x0 = x.repeat(256, 1, 1, 1).requires_grad_(True)
+        loss, info = run.generator_extra(x0, batch, torch.Generator().manual_seed(11))
+        (est,) = torch.autograd.grad(loss, x0)
+        xr = x.clone().requires_grad_(True)
+        (true,) = torch.autograd.grad(brightness(images_from_latents(run.vae, xr)).sum(), xr)
+    finally:
+        rl.dmdr_reward, rl.group_size, rl.dmdr_noise, rl.clip_range = saved
+    cos = torch.nn.functional.cosine_similarity(-est.sum(0).flatten(), true.flatten(), dim=0)
+    assert float(cos) > 0.4  # descending the term follows the reward's gradient (a random direction: ~0 +- 0.06)
+    assert "reward/brightness" in info and info["zero_std_ratio"] == 0.0
+
+
+def detached_brightness(images, prompts):
+    """A plug-in reward without a gradient: usable by the GRPO variant only."""
+    return brightness(images).detach()
+
+
+def test_the_grpo_variant_trains_on_a_reward_without_a_gradient(tmp_path, teacher):
+    rewards = '[{function = "tests.train.rl.test_dmdr:detached_brightness", weight = 1.0, label = "b"}]'
+    run = trainer(
+        tmp_path / "run", teacher, rl__dmdr_reward="grpo", rl__group_size=4, rl__prompts_per_step=2, rl__rewards=rewards
+    )
+    res = run.train()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert res.step == 2 and all("loss_reward" in r and "reward/b" in r and r["zero_std_ratio"] == 0.0 for r in rows)
+    b = next(run.batches)  # prompts_per_step prompts x group_size samples each
+    assert len(b.prompts) == 8 and b.prompts[:4] == [b.prompts[0]] * 4 and b.prompts[4:] == [b.prompts[4]] * 4

@@ -182,8 +182,8 @@ def test_entry_point_and_config_errors(tmp_path, policy, capsys, monkeypatch):
     over = tiny(tmp_path / "run", policy, max_steps=1)
     assert run_main([cfg, *over, "--no-progress", "-q"]) == 0
     assert len(list((tmp_path / "run" / "export").glob("*.safetensors"))) == 1
-    assert run_main([cfg, *over, "rl.method=dmdr", "--no-progress", "-q"]) == 2
-    assert "rl.method 'dmdr' must be one of dpo, grpo" in capsys.readouterr().err
+    assert run_main([cfg, *over, "rl.method=ppo", "--no-progress", "-q"]) == 2
+    assert "rl.method 'ppo' must be one of dpo, grpo, dmdr" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(CONFIGS / "rl_dpo_synthetic.toml", ["rl.betta=3"])
     with pytest.raises(ConfigError, match="rl.rewards is empty"):

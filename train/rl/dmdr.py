@@ -157,6 +157,7 @@ class PromptData:
         return int(self.empty_feats.shape[-1])
 
     def text(self, key: str) -> torch.Tensor:
+        """The distiller looks up only the empty caption (its unconditional branch)."""
         return self.empty_feats
 
     def batches(self, seed: int, rank: int, world: int) -> PromptBatches:
@@ -233,8 +234,8 @@ class DMDRTrainer(Distiller):
             stiff = [label for label, r, _ in self.rewards.entries if not r.differentiable]
             raise ZImageError(
                 f"DMDR's reward term back-propagates through the rewards, but {stiff} are not differentiable; "
-                "use differentiable rewards (image statistics, alignment, aesthetic, a torch function) or score "
-                "the distilled model with method = 'grpo' / 'dpo' instead."
+                "use differentiable rewards (image statistics, alignment, aesthetic, a torch function) or "
+                "rl.dmdr_reward = 'grpo' (advantages from the scores alone)."
             )
         self.tilted = None
         if rl.dynadg_steps > 0:

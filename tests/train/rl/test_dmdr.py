@@ -334,3 +334,11 @@ def test_the_grpo_variant_trains_on_a_reward_without_a_gradient(tmp_path, teache
     assert res.step == 2 and all("loss_reward" in r and "reward/b" in r and r["zero_std_ratio"] == 0.0 for r in rows)
     b = next(run.batches)  # prompts_per_step prompts x group_size samples each
     assert len(b.prompts) == 8 and b.prompts[:4] == [b.prompts[0]] * 4 and b.prompts[4:] == [b.prompts[4]] * 4
+
+
+def test_a_non_differentiable_reward_is_refused_for_refl(tmp_path, teacher):
+    scores = tmp_path / "judge.jsonl"
+    scores.write_text('{"id": "a", "score": 1.0}\n')
+    run = trainer(tmp_path / "run", teacher, rl__rewards=f'[{{name = "judge", path = "{scores}"}}]')
+    with pytest.raises(ZImageError, match=r"\['judge'\] are not differentiable.*dmdr_reward = 'grpo'"):
+        run.setup()

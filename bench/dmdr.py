@@ -10,7 +10,8 @@
    initialised from the teacher, each in its own process:
    - ``distill``: Decoupled DMD alone (``reward_weight = 0``), the student without the reward;
    - ``dmdr``: the same plus the ReFL reward term after a cold start, DynaDG and DynaRS over the cold start;
-   - ``reward_only``: the reward term alone (DM and CA weights 0): what the reward does unregularised.
+   - ``reward_only``: the reward term alone (DM and CA weights 0): what the reward does unregularised;
+   - optionally ``dmdr_grpo@W``: ``dmdr`` with the GRPO-advantage reward term at weight ``W``.
 3. Every setting draws each caption for ``--seeds`` seeds (4 steps, cfg 1, Euler) and reports the reward (an image
    statistic of the decoded images the captions do not ask for; ``contrast`` by default), the accuracy and the FD.
 """
@@ -85,7 +86,7 @@ def dmdr_config(work: Path, teacher: Path, name: str, args, shift: float, captio
     }
     return {
         "name": name,
-        "output_dir": str(work / f"dmdr_{name}"),
+        "output_dir": str(work / f"dmdr_{name.replace('@', '_')}"),
         "seed": args.seed,
         "max_steps": args.steps,
         "log_every": 10,
@@ -131,7 +132,7 @@ def child(spec_path: str) -> None:
 
 
 def run_child(spec: dict, work: Path) -> dict:
-    path = work / f"dmdr_{spec['config']['name']}.json"
+    path = work / f"dmdr_{spec['config']['name'].replace('@', '_')}.json"
     path.write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, __file__, "--child", str(path)], capture_output=True, text=True, env=env)
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--fake-lr", type=float, default=1e-3)
     ap.add_argument("--ttur", type=int, default=3)
-    ap.add_argument("--runs", default="distill,dmdr,reward_only")
+    ap.add_argument("--grpo-noise", type=float, default=0.1, help="dmdr_noise of the dmdr_grpo@W runs")
+    ap.add_argument("--runs", default="distill,dmdr,reward_only", help="also dmdr_grpo@W (GRPO term at weight W)")
     ap.add_argument("--json", default=str(ROOT / "bench" / "dmdr_results.json"))
     ap.add_argument("--grids", help="write one PNG grid per setting into this folder")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -230,6 +232,16 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     wanted = [r for r in args.runs.split(",") if r]
+    for name in wanted:  # dmdr_grpo@W: the GRPO-advantage reward term at weight W (groups of 8, 4 prompts)
+        if name.startswith("dmdr_grpo@"):
+            variants[name] = {
+                **variants["dmdr"],
+                "reward_weight": float(name.split("@")[1]),
+                "dmdr_reward": "grpo",
+                "group_size": 8,
+                "prompts_per_step": 4,
+                "dmdr_noise": args.grpo_noise,
+            }
     specs = {
         name: {
             "config": dmdr_config(work, teacher_file, name, args, shift, captions, **variants[name]),
@@ -239,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in wanted
     }
     report["hyperparameters"] = {
-        k: getattr(args, k) for k in ("steps", "reward", "reward_weight", "cold", "lr", "fake_lr", "ttur")
+        k: getattr(args, k) for k in ("steps", "reward", "reward_weight", "cold", "lr", "fake_lr", "ttur", "grpo_noise")
     }
     print(f"DMDR runs {wanted}, {args.steps} generator updates each, {args.jobs} at a time (load {uptime()})")
     with ThreadPoolExecutor(args.jobs) as pool:

@@ -68,8 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_runner(cfg, resume=None, progress: bool = True):
-    """The trainer a configuration asks for: :class:`train.distill.Distiller` with a ``[distill]`` section,
-    :class:`train.rl.trainer.RLTrainer` with an ``[rl]`` section, else :class:`train.trainer.Trainer`."""
+    """The trainer a configuration asks for: :class:`train.rl.dmdr.DMDRTrainer` for ``[rl] method = "dmdr"``,
+    :class:`train.distill.Distiller` with a ``[distill]`` section, :class:`train.rl.trainer.RLTrainer` with an
+    ``[rl]`` section, else :class:`train.trainer.Trainer`."""
+    if cfg.rl.get("method") == "dmdr":  # distillation with a reward: the distiller plus the RL rewards
+        from .rl.dmdr import DMDRTrainer
+
+        return DMDRTrainer(cfg, resume=resume, progress=progress)
     if cfg.distill.enabled:
         from .distill import Distiller
 

@@ -60,13 +60,12 @@ class Distiller(RunBase):
         return f"distill-{self.cfg.distill.student}"
 
     # ---- set-up ---------------------------------------------------------------------------------
-    def build(self) -> None:
-        from ..model import build_dit
+    def prepare_data(self) -> None:
+        """``self.data`` (captions: ``text_dim``, ``empty``, ``text(key)``, ``batches(seed, rank, world)``) and
+        ``self.renderer`` (sample images or None): the data cache of ``[data]`` (DMDR: its prompts instead)."""
         from ..trainer import prepare_run_data, prepare_synthetic
 
-        cfg, acc, d = self.cfg, self.acc, self.cfg.distill
-        if acc.mixed_precision == "fp16":
-            raise ZImageError("distillation runs in bf16 or fp32 (mixed_precision = 'bf16' or 'no'), not fp16.")
+        cfg, acc = self.cfg, self.acc
         self.data_cfg = cfg.data_config()
         if cfg.synthetic:
             if acc.is_main_process:
@@ -77,6 +76,14 @@ class Distiller(RunBase):
         )
         if segments is not None:
             raise ZImageError("distillation trains text to image; remove the edit_jsonl sources from [data].")
+
+    def build(self) -> None:
+        from ..model import build_dit
+
+        cfg, acc, d = self.cfg, self.acc, self.cfg.distill
+        if acc.mixed_precision == "fp16":
+            raise ZImageError("distillation runs in bf16 or fp32 (mixed_precision = 'bf16' or 'no'), not fp16.")
+        self.prepare_data()
         dtype = d.teacher_dtype
         if dtype == "auto":
             dtype = "bf16" if self.device.type == "cuda" else "fp32"
@@ -227,6 +234,11 @@ class Distiller(RunBase):
             v = Denoiser(self.nets.fake, cond, None, (h, w))(x, sigma)
         return v, store["feats"]
 
+    def generator_extra(self, x0: torch.Tensor, batch, gen: torch.Generator) -> tuple[torch.Tensor | None, dict]:
+        """A further generator loss on the student's ``x0`` (with gradients) and its metrics (``gen``: the
+        micro-batch's keyed generator): none here; DMDR (:mod:`train.rl.dmdr`) adds its reward term."""
+        return None, {}
+
     def _step_optimizer(self, opt, params: dict, clip: float) -> float:
         norm = torch.nn.utils.clip_grad_norm_(list(params.values()), clip if clip > 0 else float("inf"))
         if hasattr(norm, "full_tensor"):
@@ -279,6 +291,10 @@ class Distiller(RunBase):
             x0, cond, sig = self.generate(batch, gen, k, grad=True)
             delta, terms = self.direction(x0.detach(), cond, sig, gen)
             loss = L.matching_loss(x0, delta)
+            extra, extra_info = self.generator_extra(x0, batch, gen)
+            if extra is not None:
+                loss = loss + extra
+            terms = {**terms, **extra_info}
             if nets.gan is not None and d.gan_weight > 0:
                 s = self._renoise_sigmas(x0.shape[0], gen)
                 with acc.autocast():

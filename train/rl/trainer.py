@@ -138,6 +138,8 @@ class RLTrainer(Trainer):
     def __init__(self, cfg, resume=None, progress: bool = True):
         super().__init__(cfg, resume, progress)
         self.rl: RLConfig = rl_config(cfg.rl, cfg.max_steps)
+        if self.rl.method == "dmdr":
+            raise ZImageError("rl.method 'dmdr' is a distillation run: train.run starts train.rl.dmdr.DMDRTrainer.")
 
     # ---- set-up (the run infrastructure is train.runner.RunBase's) --------------------------------
     def build(self) -> None:

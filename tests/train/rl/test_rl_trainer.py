@@ -16,6 +16,7 @@ from train.config import ConfigError, load_config
 from train.model import init_weights
 from train.rl.trainer import RLTrainer
 from train.run import main as run_main
+from train.run import make_runner
 from zimage_core.checkpoints import save_dit
 from zimage_core.config import DiTConfig
 from zimage_core.dit import ZImageDiT
@@ -72,7 +73,8 @@ def tiny(out: Path, policy: Path, **extra) -> list[str]:
 
 
 def make(config: str, overrides: list[str], resume=None) -> RLTrainer:
-    return RLTrainer(load_config(CONFIGS / config, overrides), resume=resume, progress=False)
+    """The trainer the entry point picks (DMDR's is a distiller, :class:`train.rl.dmdr.DMDRTrainer`)."""
+    return make_runner(load_config(CONFIGS / config, overrides), resume=resume, progress=False)
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -97,6 +99,8 @@ def test_every_rl_config_runs_end_to_end(name, tmp_path, policy):
         assert any(k.endswith(".lora_up.weight") for k in load_file(str(res.export)))
     if trainer.rl.method == "grpo":
         assert {"reward/brightness", "reward/c", "reward/total", "clipfrac", "approx_kl"} <= set(rows[0])
+    elif trainer.rl.method == "dmdr":  # the reward is measured during the cold start (reward_start = 50)
+        assert {"reward/brightness", "reward/c", "reward/total", "dm_size", "dynadg_tilt"} <= set(rows[0])
     else:
         recs = [
             json.loads(x) for x in (tmp_path / "run" / "candidates" / "candidates-rank0.jsonl").read_text().splitlines()
@@ -182,8 +186,8 @@ def test_entry_point_and_config_errors(tmp_path, policy, capsys, monkeypatch):
     over = tiny(tmp_path / "run", policy, max_steps=1)
     assert run_main([cfg, *over, "--no-progress", "-q"]) == 0
     assert len(list((tmp_path / "run" / "export").glob("*.safetensors"))) == 1
-    assert run_main([cfg, *over, "rl.method=dmdr", "--no-progress", "-q"]) == 2
-    assert "rl.method 'dmdr' must be one of dpo, grpo" in capsys.readouterr().err
+    assert run_main([cfg, *over, "rl.method=ppo", "--no-progress", "-q"]) == 2
+    assert "rl.method 'ppo' must be one of dpo, grpo, dmdr" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(CONFIGS / "rl_dpo_synthetic.toml", ["rl.betta=3"])
     with pytest.raises(ConfigError, match="rl.rewards is empty"):

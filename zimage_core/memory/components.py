@@ -276,7 +276,10 @@ class Residency:
             for other in plan.evicts(name):
                 if (others or {}).get(other) is not None:
                     self.park(other, others[other])
-            self.place(name, component, extras)
+            if extras:
+                self.place(name, component, extras)
+            else:
+                self.place(name, component)
         try:
             yield component
         finally:

@@ -176,7 +176,7 @@ def start_server(tmp_path_factory):
     rgba = np.full((H, W, 4), 255, dtype=np.uint8)
     rgba[..., 0] = np.linspace(0, 255, W, dtype=np.uint8)[None, :]
     rgba[8:40, 24:56, 3] = 0
-    rgba[12:36, 6:22, :3] = 240  # a bright block: edges for the Canny preprocessor
+    rgba[12:36, 6:22, :3] = 20  # a dark block: edges for the Canny preprocessor
     Image.fromarray(rgba, "RGBA").save(tmp / "input" / "example.png")
     yaml = tmp / "extra_model_paths.yaml"
     yaml.write_text(

@@ -169,11 +169,16 @@ class Denoiser(GuidedDenoiser):
         self.plan_cfg = dit.plan(caps, h, w) if self.use_cfg else None
 
     def forward_cond(self, x, t):
-        return self.dit.denoise(x, t, self.plan_cond, control=self.active)
+        if self.active:
+            return self.dit.denoise(x, t, self.plan_cond, control=self.active)
+        return self.dit.denoise(x, t, self.plan_cond)
 
     def forward_pair(self, x, t):
-        control = [self._pair[id(c)] for c in self.active] if self.active else None
-        out = self.dit.denoise(torch.cat([x, x]), torch.cat([t, t]), self.plan_cfg, control=control).float()
+        xx, tt = torch.cat([x, x]), torch.cat([t, t])
+        if self.active:
+            out = self.dit.denoise(xx, tt, self.plan_cfg, control=[self._pair[id(c)] for c in self.active]).float()
+        else:
+            out = self.dit.denoise(xx, tt, self.plan_cfg).float()
         pos, neg = out.chunk(2)
         return pos, neg
 

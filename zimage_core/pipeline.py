@@ -514,8 +514,14 @@ class ZImagePipeline:
         work = self._work or Workload(
             w * VAE_DOWNSCALE, h * VAE_DOWNSCALE, b, uncond is not None and opts.cfg > 1.0, tokens
         )
-        dit = self.dit
         nets = tuple(dict.fromkeys(c.net for c in controls))
+        if nets and self._dit is None and self.residency is not None:
+            self._control_nets = nets  # load the DiT where the plan that counts the ControlNets puts it
+            try:
+                self._plan(work)
+            finally:
+                self._control_nets = ()
+        dit = self.dit
         with self._stage("dit", dit, work, extras=nets):
             return denoise_latents(dit, cond, uncond, noise, opts, init_latents, mask, callback, cancel, controls)
 

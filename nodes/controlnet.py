@@ -54,24 +54,44 @@ def resolve_controlnet(name: str) -> Path:
 
 
 class ZImageControlNetFile:
-    """``ZIMAGE_CONTROLNET``: a ControlNet file, loaded once per (DiT config, dtype) it is applied to and
-    registered with ComfyUI's memory management (so *Unload models* frees its VRAM)."""
+    """``ZIMAGE_CONTROLNET``: a ControlNet file, loaded for the model it is applied to (one at a time) and registered
+    with ComfyUI's memory management (so *Unload models* frees its VRAM). When the model's memory mode streams DiT
+    blocks (block-swap / sequential), every control block streams too (the engine's placement,
+    :meth:`~zimage_core.memory.Residency.stream_extra`) and only the rest is registered with ComfyUI."""
 
     def __init__(self, path: Path, name: str, quant: str = "none"):
         self.path, self.name, self.quant = path, name, quant
-        self._loaded: dict[tuple, tuple[ControlNet, object]] = {}
+        self._loaded: dict[tuple, tuple] = {}
 
     def in_channels(self, config) -> int:
         """16 (1.0) or 33 (2.x), from the file's header, checked against the DiT's ``config``."""
         return ControlNetCheckpoint(self.path, config).config.in_channels
 
-    def load(self, config, dtype: torch.dtype) -> tuple[ControlNet, object]:
-        key = (config, dtype)
+    def load(self, model: ZImageModel) -> tuple[ControlNet, object, object]:
+        """``(ControlNet, ComfyUI patcher or None, the model's DiT slot)`` for ``model``."""
+        slot = model.slot
+        key = (id(slot), model.dtype)
         if key not in self._loaded:
-            load_device, offload_device = host.dit_devices()
-            net = load_controlnet(self.path, base=config, dtype=dtype, device=offload_device, quant=self.quant)
-            self._loaded = {key: (net, host.register(net, load_device, offload_device))}  # one at a time
+            self.release()
+            res = slot.residency
+            streams = res.streamed_blocks("dit") > 0
+            device = "cpu" if streams else slot.offload_device
+            net = load_controlnet(self.path, base=model.config, dtype=model.dtype, device=device, quant=self.quant)
+            parts = res.stream_extra(net, slot.dit, label=f"ControlNet {self.name}")
+            if parts is not None:
+                patcher = host.register(
+                    net, slot.load_device, slot.offload_device, parts=parts, on_move=lambda: res.finish_extra(net)
+                )
+            else:
+                patcher = host.register(net, slot.load_device, slot.offload_device)
+            self._loaded = {key: (net, patcher, slot)}
         return self._loaded[key]
+
+    def release(self) -> None:
+        """Forget the loaded ControlNet (its streaming removed)."""
+        for net, _, slot in self._loaded.values():
+            slot.residency.drop_extra(net)
+        self._loaded = {}
 
     def __repr__(self) -> str:
         return f"<ZImageControlNet {self.name}>"
@@ -101,8 +121,15 @@ def control_inputs(model: ZImageModel, dit, width: int, height: int) -> list:
     ControlNet loaded through ComfyUI onto the DiT's device."""
     specs, nets, encoders = [], [], []
     for app in model.controls:
-        net, patcher = app.file.load(model.config, model.dtype)
-        host.load(patcher, net, dit.device)
+        net, patcher, slot = app.file.load(model)
+        res = slot.residency
+        host.load(
+            patcher,
+            net,
+            dit.device,
+            mover=lambda d, net=net, res=res: res.move_extra(net, d),
+            memory_required=res.extra_staging_bytes(net),
+        )
         nets.append(net)
         specs.append(
             ControlSpec(

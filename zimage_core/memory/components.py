@@ -219,6 +219,7 @@ class Residency:
         self.streamers: dict[str, BlockStreamer] = {}
         self._placed: dict[str, tuple] = {}  # component -> (id(module), blocks streamed) of its installed placement
         self.extras: dict[str, tuple] = {}  # component -> modules placed with it (ControlNets beside the DiT)
+        self.extra_streamers: dict[int, BlockStreamer] = {}  # id(module) -> streamer, host placement (stream_extra)
 
     # ---- planning ------------------------------------------------------------------------------
     def make_plan(
@@ -382,6 +383,52 @@ class Residency:
             return
         streamer.flush()
         move_resident(component, streamer.blocks, device)
+
+    # ---- modules a host places beside the DiT (ControlNets in ComfyUI) ----------------------------
+    def stream_extra(self, module, owner, label: str = "ControlNet"):
+        """Host placement of a module that runs inside the DiT's stage (a ControlNet, ``module.blocks()``): when the
+        plan streams DiT blocks, every block of ``module`` streams too (``owner``, the DiT, ends them with its
+        stage). Returns :func:`~zimage_core.memory.streaming.resident_parts` (what the host moves), or None when the
+        plan streams nothing. Idempotent per module; :meth:`drop_extra` removes it."""
+        if self.streamed_blocks("dit") <= 0:
+            return None
+        streamer = self.extra_streamers.get(id(module))
+        if streamer is None:
+            streamer = BlockStreamer(
+                module.blocks(),
+                self.device,
+                self.offload_device,
+                pin=self.pin,
+                trace=self.trace,
+                name=label,
+                owner=owner,
+            )
+            self.extra_streamers[id(module)] = streamer
+        return resident_parts(module, streamer.blocks)
+
+    def move_extra(self, module, device: torch.device | str) -> None:
+        """Move what of ``module`` is not streamed to ``device`` (everything, when nothing streams)."""
+        streamer = self.extra_streamers.get(id(module))
+        if streamer is None:
+            module.to(device)
+            return
+        streamer.flush()
+        move_resident(module, streamer.blocks, device)
+
+    def finish_extra(self, module) -> None:
+        streamer = self.extra_streamers.get(id(module))
+        if streamer is not None:
+            streamer.flush()
+
+    def extra_staging_bytes(self, module) -> int:
+        streamer = self.extra_streamers.get(id(module))
+        return 0 if streamer is None else streamer.staging_bytes()
+
+    def drop_extra(self, module) -> None:
+        """Remove ``module``'s streaming (its streamed blocks stay on the offload device)."""
+        streamer = self.extra_streamers.pop(id(module), None)
+        if streamer is not None:
+            streamer.remove()
 
     def staging_bytes(self, name: str) -> int:
         """Device bytes the component's streaming adds while it runs (the staged blocks)."""

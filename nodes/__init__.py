@@ -5,6 +5,7 @@ Never rename, reorder or insert inputs; add a new node (``...V2``) instead.
 """
 
 from .conditioning import ZImageTextEncode
+from .controlnet import ZImageControlNetApply, ZImageControlNetLoader
 from .core_model import ZImageToCoreModel
 from .edit import ZImageEditConditioning, ZImageVisionLoader
 from .enhancer import ZImagePromptEnhancer
@@ -21,6 +22,8 @@ NODE_CLASS_MAPPINGS = {
     "ZImageEditConditioning": ZImageEditConditioning,
     "ZImagePromptEnhancer": ZImagePromptEnhancer,
     "ZImageToCoreModel": ZImageToCoreModel,
+    "ZImageControlNetLoader": ZImageControlNetLoader,
+    "ZImageControlNetApply": ZImageControlNetApply,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -33,6 +36,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ZImageEditConditioning": "Z-Image Edit Conditioning",
     "ZImagePromptEnhancer": "Z-Image Prompt Enhancer",
     "ZImageToCoreModel": "Z-Image Model → MODEL",
+    "ZImageControlNetLoader": "Z-Image ControlNet Loader",
+    "ZImageControlNetApply": "Z-Image ControlNet Apply",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -44,4 +44,10 @@ class ZImageToCoreModel:
                 f"the model input is {type(model).__name__}, not a Z-Image model; connect Z-Image Model Loader "
                 "(or Z-Image LoRA Loader) to it."
             )
+        if model.controls:
+            raise ZImageError(
+                f"this Z-Image model has {len(model.controls)} ControlNet(s) applied (Z-Image ControlNet Apply); they "
+                "run in Z-Image Sampler only, a core MODEL cannot carry them. Connect this model to Z-Image Sampler, "
+                "or take the model for Z-Image Model -> MODEL from before the ControlNet Apply node."
+            )
         return (bridge.core_model(model),)

@@ -145,6 +145,7 @@ class ZImageModel:
     attention: str = "sdpa"
     memory_mode: MemoryMode = MemoryMode("full")
     loras: tuple[LoraSpec, ...] = field(default_factory=tuple)
+    controls: tuple = ()  # nodes.controlnet.ControlApplication, in the order they were applied
 
     @property
     def config(self):
@@ -163,6 +164,7 @@ class ZImageModel:
 
     def __repr__(self) -> str:
         extra = "".join(f" + {s.name}@{s.strength:g}" for s in self.loras)
+        extra += "".join(f" + control {c.file.name}@{c.strength:g}" for c in self.controls)
         return f"<ZImageModel {self.name} {str(self.dtype).removeprefix('torch.')}{extra}>"
 
 

@@ -26,11 +26,22 @@ KIND_HELP = {
     "text_encoders": "ComfyUI/models/text_encoders (e.g. qwen_3_4b.safetensors)",
     "loras": "ComfyUI/models/loras",
     "vae": "ComfyUI/models/vae (e.g. ae.safetensors)",
+    "controlnet": "ComfyUI/models/controlnet (e.g. Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors)",
+    "model_patches": "ComfyUI/models/model_patches (where native ComfyUI keeps the Z-Image Fun ControlNets)",
 }
 LEGACY = {"diffusion_models": ("unet",), "text_encoders": ("clip",)}
 # A folder is offered for a kind when it holds one of these sub-folders, or is itself such a folder.
 FOLDER_MARKERS = {"diffusion_models": "transformer", "text_encoders": "text_encoder"}
 _MAX_DEPTH = 3
+
+
+def ensure_folder(kind: str) -> None:
+    """Register ``models/<kind>`` with ComfyUI's folder_paths when this ComfyUI does not know the kind yet
+    (``model_patches`` is newer than some ComfyUI versions); no-op outside ComfyUI."""
+    fp = host.comfy_module("folder_paths")
+    if fp is None or kind in fp.folder_names_and_paths:
+        return
+    fp.add_model_folder_path(kind, os.path.join(fp.models_dir, kind))
 
 
 def roots(kind: str) -> list[Path]:

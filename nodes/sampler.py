@@ -19,6 +19,7 @@ from ..zimage_core.pipeline import GenerateOptions, denoise_latents
 from ..zimage_core.vae import to_model_space, to_raw_space
 from . import host
 from .conditioning import caption_features, host_intermediate_device
+from .controlnet import control_inputs
 from .edit import edit_conditions, has_references
 from .handles import ZImageModel
 
@@ -237,7 +238,8 @@ class ZImageTurboSampler:
         host.throw_if_interrupted()
         dit = model.prepare()
         callback = host.step_callback(int(steps), dit.device)
-        x = denoise_latents(dit, cond, uncond, noise, opts, init, mask, callback, host.cancel_check)
+        controls = control_inputs(model, dit, w * 8, h * 8) if model.controls else ()
+        x = denoise_latents(dit, cond, uncond, noise, opts, init, mask, callback, host.cancel_check, controls)
         out = dict(latent_image)
         out["samples"] = to_raw_space(x).to(host_intermediate_device(), torch.float32)
         return (out,)

@@ -65,6 +65,18 @@ PUBLIC_API = {
         "system_prompt",
     ],
     "ZImageToCoreModel": ["model"],
+    "ZImageControlNetLoader": ["controlnet_name", "quant"],
+    "ZImageControlNetApply": [
+        "model",
+        "controlnet",
+        "vae",
+        "image",
+        "strength",
+        "start_percent",
+        "end_percent",
+        "inpaint_image",
+        "mask",
+    ],
 }
 
 

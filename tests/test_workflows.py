@@ -31,6 +31,7 @@ REQUIRED = {
     "zimage_turbo_lowvram.json",
     "zimage_edit.json",
     "zimage_prompt_enhanced.json",
+    "zimage_controlnet.json",
 }
 # Workflows that need ComfyUI itself (a bridged core MODEL sampled by core KSampler): converted and checked here, run
 # in a real ComfyUI by tests/comfyui/test_server.py (every workflow) and tests/comfyui/test_core_model.py.
@@ -43,6 +44,7 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wf")
     tiny = build_tiny_model(tmp, seed=41)
     models = C.install_edit_models(tiny, C.install_models(tiny, tmp / "models"), seed=43)
+    C.install_controlnet(tiny, models, seed=44)
     mp = pytest.MonkeyPatch()
     mp.setenv("ZIMAGE_MODELS_DIR", str(models))
     mp.setattr(C.LoadImage, "input_dir", tmp / "input")
@@ -53,6 +55,7 @@ def setup(tmp_path_factory):
     rgba[..., 1] = np.linspace(255, 0, H, dtype=np.uint8)[:, None]
     rgba[..., 2] = 90
     rgba[..., 3] = 255
+    rgba[12:36, 6:22, :3] = 240  # a bright block: edges for the Canny preprocessor
     rgba[8:40, 24:56, 3] = 0  # the transparent hole is what inpainting redraws
     Image.fromarray(rgba, "RGBA").save(tmp / "input" / "example.png")
     from zimage_core.checkpoints import load_dit
@@ -209,6 +212,40 @@ def test_turbo_workflow_image_equals_cli(setup, tmp_path):
     # The same pixels before quantisation: the CLI rounds, core SaveImage truncates.
     assert np.array_equal(np.round(decoded[0].numpy() * 255).astype(np.uint8), cli)
     assert np.abs(cli.astype(int) - got.astype(int)).max() <= 1
+
+
+def test_controlnet_workflow_image_equals_cli(setup, tmp_path):
+    """Core Canny -> Z-Image ControlNet Apply -> Z-Image Sampler gives the CLI's --controlnet image for that edge map,
+    and the control changes the picture."""
+    prompt = api("zimage_controlnet.json")
+    results = setup["executor"].run(prompt)
+    got = saved(results, prompt)[0]
+    edges = results[by_class(prompt, "Canny")[0]][0]
+    assert set(np.unique(edges.numpy())) <= {0.0, 1.0} and 0 < edges.mean() < 1
+    edge_png = tmp_path / "edges.png"
+    Image.fromarray((edges[0].numpy() * 255).astype(np.uint8)).save(edge_png)
+    (sid,) = by_class(prompt, "ZImageTurboSampler")
+    apply = prompt[by_class(prompt, "ZImageControlNetApply")[0]]["inputs"]
+    m = setup["models"]
+    out = tmp_path / "cli.png"
+    args = [
+        "generate",
+        *("--transformer", str(m / "diffusion_models" / "z_image_turbo_bf16.safetensors")),
+        *("--text-encoder", str(m / "text_encoders" / "qwen_3_4b.safetensors")),
+        *("--vae", str(m / "vae" / "ae.safetensors")),
+        *("--prompt", prompt[by_class(prompt, "ZImageTextEncode")[0]]["inputs"]["text"]),
+        *("--width", str(W), "--height", str(H), "--steps", str(prompt[sid]["inputs"]["steps"])),
+        *("--seed", str(prompt[sid]["inputs"]["seed"]), "--device", "cpu", "--out", str(out)),
+        *("--controlnet", str(m / "model_patches" / C.CONTROLNET_NAME), "--control-image", str(edge_png)),
+        *("--control-strength", str(apply["strength"]), "--control-start", str(apply["start_percent"])),
+        *("--control-end", str(apply["end_percent"])),
+    ]
+    assert cli_main(args) == 0
+    cli = np.asarray(Image.open(out).convert("RGB"))
+    assert np.abs(cli.astype(int) - got.astype(int)).max() <= 1
+    plain = api("zimage_controlnet.json")
+    plain[sid]["inputs"]["model"] = apply["model"]  # the same graph without the ControlNet
+    assert np.abs(saved(setup["executor"].run(plain), plain)[0].astype(int) - got.astype(int)).max() > 8
 
 
 def test_low_vram_workflow_is_the_turbo_graph(setup):

@@ -9,7 +9,7 @@ current configuration is looked up in :data:`POLICY` (first matching pattern win
 - ``refuse``: the networks, the data or the method (``model.*``, ``data.*``, ``lora.rank``, ``distill.method``,
   ...): the resume stops with one message naming the key and both values.
 
-A key not in the table is refused: a new setting is safe to resume over only once someone says so here.
+DMDR's ``[rl.distill]`` table follows the ``distill.*`` rows. A key not in the table is refused: a new setting is safe to resume over only once someone says so here.
 """
 
 from __future__ import annotations
@@ -78,6 +78,14 @@ POLICY: tuple[tuple[str, str], ...] = (
     ("rl.window_shift_every", APPLY),
     ("rl.curriculum_start", APPLY),
     ("rl.curriculum_warmup", APPLY),
+    ("rl.reward_weight", APPLY),  # DMDR: the loss weights and schedules, not the networks
+    ("rl.reward_start", APPLY),
+    ("rl.dmdr_noise", APPLY),
+    ("rl.dynadg_steps", APPLY),
+    ("rl.dynadg_scale", APPLY),
+    ("rl.dynars_steps", APPLY),
+    ("rl.dynars_alpha", APPLY),
+    ("rl.dynars_beta", APPLY),
     # everything else (the networks, the data, the method, the seed) cannot change under a checkpoint
     ("*", REFUSE),
 )
@@ -94,6 +102,8 @@ _WHY = {
 
 
 def policy(key: str) -> str:
+    if key.startswith("rl.distill."):  # DMDR's [rl.distill] holds the [distill] keys: the same rules
+        key = key[len("rl.") :]
     for pattern, rule in POLICY:
         if fnmatchcase(key, pattern):
             return rule

@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--denoise", type=_number, default=1.0, help="img2img strength (ComfyUI denoise)")
     g.add_argument("--mask", help="inpainting mask image (white = repaint); needs --init-image")
     g.add_argument("--vae-tile", type=_vae_tile, default="auto", help="VAE tile size in pixels, 'auto' or 0 (off)")
+    add_control_arguments(g)
     perf = g.add_argument_group("memory and speed (never change the image, except --quant)")
     perf.add_argument(
         "--memory",
@@ -189,6 +190,7 @@ def generate_options(args):
 
     if args.mask and not args.init_image:
         raise ZImageError("--mask needs --init-image (the picture to inpaint).")
+    controls = control_specs(args)
     opts = GenerateOptions(
         prompt=args.prompt,
         negative=args.negative,
@@ -204,6 +206,7 @@ def generate_options(args):
         cfg_truncation=args.cfg_truncation,
         max_length=args.max_length or None,
         denoise=args.denoise,
+        controls=controls,
     )
     opts.validate()
     device = validate.device(args.device)
@@ -242,6 +245,7 @@ def cmd_generate(args) -> int:
         lazy=True,
     )
     tile = args.vae_tile
+    pipe.check_controls(opts.controls)  # ControlNet headers against the DiT's, before anything loads
     pipe.check_request(opts, tile)  # the size and batch fit the device (from the files' headers, nothing loaded)
     init, mask = _init_latents(pipe, opts, init_img, mask_img) if init_img is not None else (None, None)
     images = pipe.generate(opts, init_latents=init, mask=mask, tile=tile)
@@ -262,11 +266,101 @@ def cmd_generate(args) -> int:
     }
     if args.quant != "none":
         params["quant"] = args.quant
+    if opts.controls:
+        params["controlnets"] = [
+            {"controlnet": c.name(), "strength": c.strength, "start": c.start, "end": c.end} for c in opts.controls
+        ]
     for i, (img, path) in enumerate(zip(images, output_paths(args.out, len(images)))):
         save_image(img, path, {**params, "index": i})  # atomic: a temporary name, then a rename
         log.info("wrote %s", path)
     log.info("done in %.1fs", time.perf_counter() - t0)
     return 0
+
+
+# ---- ControlNet flags ---------------------------------------------------------------------------------------
+CONTROL_PER_NET = (
+    ("control_image", "--control-image"),
+    ("control_strength", "--control-strength"),
+    ("control_start", "--control-start"),
+    ("control_end", "--control-end"),
+    ("control_inpaint_image", "--control-inpaint-image"),
+    ("control_mask", "--control-mask"),
+)
+
+
+def add_control_arguments(g: argparse.ArgumentParser) -> None:
+    """``--controlnet FILE --control-image IMG [--control-strength ...]``, repeatable for several ControlNets.
+
+    Pairing rule: the i-th value of each ``--control-*`` flag goes with the i-th ``--controlnet``; a flag given
+    once applies to every ControlNet; any other count is an error.
+    """
+    c = g.add_argument_group(
+        "ControlNet (Z-Image Fun ControlNet Union 1.0 / 2.x / lite / Tile)",
+        "Repeat --controlnet for several; the i-th value of each --control-* flag goes with the i-th "
+        "--controlnet, and a flag given once applies to all of them.",
+    )
+    c.add_argument("--controlnet", action="append", default=[], metavar="FILE", help="ControlNet file (repeatable)")
+    c.add_argument(
+        "--control-image", action="append", default=[], metavar="IMG", help="preprocessed control image (canny, ...)"
+    )
+    c.add_argument(
+        "--control-strength", action="append", default=[], type=_number, metavar="S", help="hint scale (default 0.75)"
+    )
+    c.add_argument(
+        "--control-start", action="append", default=[], type=_number, metavar="F", help="first fraction of steps (0)"
+    )
+    c.add_argument("--control-end", action="append", default=[], type=_number, metavar="F", help="last fraction (1)")
+    c.add_argument(
+        "--control-inpaint-image",
+        action="append",
+        default=[],
+        metavar="IMG",
+        help="2.x files: the image to keep outside --control-mask (not --init-image's img2img)",
+    )
+    c.add_argument(
+        "--control-mask", action="append", default=[], metavar="MASK", help="2.x files: white = generate there"
+    )
+
+
+def control_specs(args) -> list:
+    """The ControlSpecs of the ``--controlnet``/``--control-*`` flags (pairing rule: :func:`add_control_arguments`);
+    values and files are checked later by ``GenerateOptions.validate``, before any model loads."""
+    from .controls import ControlSpec
+
+    nets = list(args.controlnet)
+    if not nets:
+        given = [flag for attr, flag in CONTROL_PER_NET if getattr(args, attr)]
+        if given:
+            raise ZImageError(f"{', '.join(given)} given without --controlnet FILE.")
+        return []
+    n = len(nets)
+    per: dict[str, list] = {}
+    for attr, flag in CONTROL_PER_NET:
+        vals = list(getattr(args, attr))
+        if len(vals) not in (0, 1, n):
+            raise ZImageError(
+                f"{len(vals)} {flag} values for {n} --controlnet files; give one per --controlnet (in the same "
+                "order), or one for all."
+            )
+        per[attr] = vals * n if len(vals) == 1 else vals
+    if not per["control_image"]:
+        raise ZImageError("--controlnet needs --control-image IMG (the preprocessed control picture).")
+    defaults = {"control_strength": 0.75, "control_start": 0.0, "control_end": 1.0}
+    out = []
+    for i, net in enumerate(nets):
+        v = {k: (vals[i] if vals else defaults.get(k)) for k, vals in per.items()}
+        out.append(
+            ControlSpec(
+                controlnet=net,
+                image=v["control_image"],
+                strength=v["control_strength"],
+                start=v["control_start"],
+                end=v["control_end"],
+                inpaint_image=v["control_inpaint_image"],
+                mask=v["control_mask"],
+            )
+        )
+    return out
 
 
 def _parse_loras(specs: list[str]) -> list[tuple[str, float]]:

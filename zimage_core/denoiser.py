@@ -12,8 +12,12 @@ sampling loop (:func:`zimage_core.sampling.run_solver`) never changes.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+
 import torch
 
+from .controlnet import ControlInput, active_controls
 from .dit import PreparedCaptions, ZImageDiT
 from .sampling import cfg_active, cfg_combine
 from .schedules import model_t
@@ -35,12 +39,27 @@ class SigmaLookup:
         self.misses = 0
 
     def __call__(self, sigma: torch.Tensor) -> float:
+        i = self._offset(sigma)
+        if i is not None:
+            return self.values[i]
+        self.misses += 1
+        return float(sigma.reshape(-1)[0])
+
+    def _offset(self, sigma: torch.Tensor) -> int | None:
         if sigma.device == self.tensor.device and sigma.untyped_storage().data_ptr() == self._ptr:
             i = sigma.storage_offset()
             if 0 <= i < len(self.values):
-                return self.values[i]
+                return i
+        return None
+
+    def index(self, sigma: torch.Tensor) -> int:
+        """The schedule entry ``sigma`` is (a view of it, else the nearest value: one device read)."""
+        i = self._offset(sigma)
+        if i is not None:
+            return i
         self.misses += 1
-        return float(sigma.reshape(-1)[0])
+        s = float(sigma.reshape(-1)[0])
+        return min(range(len(self.values)), key=lambda k: abs(self.values[k] - s))
 
 
 def _read_sigma(sigma: torch.Tensor) -> float:
@@ -52,7 +71,15 @@ class GuidedDenoiser:
 
     ``sigmas`` (the schedule tensor given to the sampler) lets CFG truncation read sigma on the host. With
     ``cfg_truncation >= 1`` guidance is never switched off and sigma is not even looked at.
+
+    ``controls`` (:class:`~zimage_core.controlnet.ControlInput`, several allowed): ControlNets whose hints a
+    subclass passes to the DiT as ``control=self.active`` in both CFG branches (as diffusers'
+    ``ZImageControlNetPipeline`` does); :meth:`__call__` sets :attr:`active` to those whose start/end window
+    holds the step (the schedule entry of ``sigma`` among the ``len(sigmas) - 1`` steps; needs ``sigmas``).
     """
+
+    controls: tuple[ControlInput, ...] = ()
+    active: list[ControlInput] | None = None
 
     def __init__(
         self,
@@ -87,10 +114,22 @@ class GuidedDenoiser:
         two at ``self.cfg`` is what :meth:`__call__` returns with guidance on (without normalization)."""
         if not self.use_cfg:
             raise ValueError("branches() needs a model function built with an unconditional branch and cfg > 1")
+        self.active = self.controls_at(sigma)
         pos, neg = self.forward_pair(x.to(self.dit.dtype), model_t(sigma))
         return -pos, -neg
 
+    def controls_at(self, sigma: torch.Tensor) -> list[ControlInput] | None:
+        """The controls that apply at ``sigma``'s step (None when none does)."""
+        if not self.controls:
+            return None
+        if not isinstance(self.sigma_value, SigmaLookup):
+            raise ValueError("a model function with controls needs the sampler's sigmas (to know the step)")
+        n = len(self.sigma_value.values) - 1
+        step = min(self.sigma_value.index(sigma), max(n - 1, 0))
+        return active_controls(self.controls, step, n) or None
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        self.active = self.controls_at(sigma)
         t = model_t(sigma)
         xin = x.to(self.dit.dtype)
         if self.guided(sigma):
@@ -103,7 +142,9 @@ class GuidedDenoiser:
 
 class Denoiser(GuidedDenoiser):
     """Text to image: captions embedded and refined once; the plans for the CFG batch (``[cond..., uncond...]``)
-    and for the conditional batch alone are both built up front, so no step repeats that work."""
+    and for the conditional batch alone are both built up front, so no step repeats that work. ``controls``:
+    ControlNets (see :class:`GuidedDenoiser`), applied to both CFG branches; per-sample control latents are
+    repeated for the paired batch."""
 
     def __init__(
         self,
@@ -115,8 +156,12 @@ class Denoiser(GuidedDenoiser):
         normalization: float = 0.0,
         truncation: float = 1.0,
         sigmas: torch.Tensor | None = None,
+        controls: Sequence[ControlInput] = (),
     ):
         super().__init__(dit, uncond is not None and cfg > 1.0, cfg, normalization, truncation, sigmas)
+        self.controls = tuple(controls)
+        # the CFG batch is [cond..., uncond...]: control latents of one per sample are repeated for it
+        self._pair = {id(c): c if c.context.shape[0] == 1 else _doubled(c) for c in self.controls}
         h, w = latent_hw
         caps = dit.prepare_captions(list(cond) + (list(uncond) if self.use_cfg else []))
         n = len(cond)
@@ -124,9 +169,19 @@ class Denoiser(GuidedDenoiser):
         self.plan_cfg = dit.plan(caps, h, w) if self.use_cfg else None
 
     def forward_cond(self, x, t):
+        if self.active:
+            return self.dit.denoise(x, t, self.plan_cond, control=self.active)
         return self.dit.denoise(x, t, self.plan_cond)
 
     def forward_pair(self, x, t):
-        out = self.dit.denoise(torch.cat([x, x]), torch.cat([t, t]), self.plan_cfg).float()
+        xx, tt = torch.cat([x, x]), torch.cat([t, t])
+        if self.active:
+            out = self.dit.denoise(xx, tt, self.plan_cfg, control=[self._pair[id(c)] for c in self.active]).float()
+        else:
+            out = self.dit.denoise(xx, tt, self.plan_cfg).float()
         pos, neg = out.chunk(2)
         return pos, neg
+
+
+def _doubled(c: ControlInput) -> ControlInput:
+    return dataclasses.replace(c, context=torch.cat([c.context, c.context]))

@@ -9,9 +9,10 @@ Conventions (``docs/model.md``, section 4):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ import torch
 from .attention import set_attention
 from .checkpoints import load_dit
 from .config import PIXEL_MULTIPLE, VAE_DOWNSCALE
+from .controlnet import ControlInput, ControlNet
+from .controls import ControlSpec, build_control_inputs, check_controls, load_controlnets, probe_controls
 from .denoiser import Denoiser
 from .dit import ZImageDiT
 from .dtypes import resolve_dtype
@@ -53,6 +56,8 @@ class GenerateOptions:
     max_length: int | None = 512
     denoise: float = 1.0
     loras: list[tuple[str, float]] = field(default_factory=list)
+    #: ControlNets (:class:`~zimage_core.controls.ControlSpec`); several sum their hints.
+    controls: list[ControlSpec] = field(default_factory=list)
 
     def validate(self) -> None:
         """Check every field (types, ranges, finiteness) and normalise whole-number floats to ints; one
@@ -99,6 +104,7 @@ class GenerateOptions:
         if not isinstance(self.sampler, str):
             raise ZImageError(f"sampler must be a name, got {self.sampler!r}.")
         get_sampler(self.sampler)
+        check_controls(self.controls)
 
     def prompts(self) -> list[str]:
         p = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -139,6 +145,7 @@ def denoise_latents(
     mask: torch.Tensor | None = None,
     callback: Callable | None = None,
     cancel: Callable[[], bool] | None = None,
+    controls: Sequence[ControlInput] = (),
 ) -> torch.Tensor:
     """The sampling path of the CLI, the library, the nodes and training samples, wherever the DiT was placed.
 
@@ -146,7 +153,8 @@ def denoise_latents(
     :class:`~zimage_core.edit.OmniCondition` (reference images; a text-only entry is then allowed on either
     side). Builds the model function (:class:`~zimage_core.denoiser.Denoiser` or
     :class:`~zimage_core.edit.OmniDenoiser`) and runs :func:`zimage_core.sampling.sample` in inference mode;
-    img2img and inpainting with ``init_latents``/``mask``. Returns DiT-space latents ``[B, 16, h, w]`` (float32).
+    img2img and inpainting with ``init_latents``/``mask``; ControlNets with ``controls`` (both CFG branches, each
+    within its start/end window of the steps). Returns DiT-space latents ``[B, 16, h, w]`` (float32).
     """
     from .edit import OmniCondition, OmniDenoiser
 
@@ -159,8 +167,14 @@ def denoise_latents(
     denoise = opts.denoise if init_latents is not None else 1.0
     sig = img2img_sigmas(opts.steps, opts.shift, denoise).to(device, torch.float32).contiguous()
     omni = any(isinstance(c, OmniCondition) for c in list(cond) + list(uncond or []))
-    make = OmniDenoiser if omni else Denoiser
-    fn = make(dit, cond, uncond, (h, w), opts.cfg, opts.cfg_normalization, opts.cfg_truncation, sig)
+    if omni and controls:
+        raise ZImageError("ControlNets do not combine with reference images (edit conditioning); use one or the other.")
+    if omni:
+        fn = OmniDenoiser(dit, cond, uncond, (h, w), opts.cfg, opts.cfg_normalization, opts.cfg_truncation, sig)
+    else:
+        fn = Denoiser(
+            dit, cond, uncond, (h, w), opts.cfg, opts.cfg_normalization, opts.cfg_truncation, sig, controls=controls
+        )
     try:
         with torch.inference_mode():
             x = sample(fn, noise, sig, opts.sampler, init=init_latents, mask=mask, callback=callback, cancel=cancel)
@@ -242,6 +256,7 @@ class ZImagePipeline:
         self.residency = Residency(mode, self.device, offload_device) if mode is not None else None
         self._estimates: dict[str, tuple] = {}
         self._work = None
+        self._control_nets: tuple[ControlNet, ...] = ()  # beside the DiT during a controlled DiT stage
 
     @classmethod
     def load(
@@ -447,7 +462,7 @@ class ZImagePipeline:
     def _plan(self, work=None):
         """Plan the memory mode for ``work`` (a :class:`~zimage_core.memory.Workload`); None if unmanaged."""
         from .memory import Workload
-        from .memory.components import component_sizes, on_device_bytes
+        from .memory.components import component_sizes, on_device_bytes, with_controls
 
         if self.residency is None:
             return None
@@ -460,7 +475,10 @@ class ZImagePipeline:
             from .memory import ComponentSize
 
             sizes["dit"] = ComponentSize(0)
-        resident = sum(on_device_bytes(m, self.device) for m in (self._dit, self._vae, te and te.model))
+        sizes["dit"] = with_controls(sizes["dit"], self._control_nets)
+        resident = sum(
+            on_device_bytes(m, self.device) for m in (self._dit, self._vae, te and te.model, *self._control_nets)
+        )
         return self.residency.make_plan(
             sizes["dit"], sizes.get("text_encoder"), sizes.get("vae"), work, vae_cfg=vae_cfg, resident=resident
         )
@@ -471,18 +489,28 @@ class ZImagePipeline:
 
     # ---- stages ------------------------------------------------------------------------------
     @contextmanager
-    def _stage(self, name: str, component, work, place: bool = True):
-        """Run a stage under the memory plan (:meth:`Residency.stage`); a one-shot pipeline then frees it."""
+    def _stage(self, name: str, component, work, place: bool = True, extras=()):
+        """Run a stage under the memory plan (:meth:`Residency.stage`); a one-shot pipeline then frees it.
+        ``extras``: ControlNets placed (and planned) with the DiT."""
         res = self.residency
         if res is None:
+            for m in extras:
+                m.to(self.device)
             yield component
             return
-        if place:
-            self._plan(work)
-        te = self._te if self._te is not None and self._te.loaded else None
-        others = {"dit": self._dit, "text_encoder": te, "vae": self._vae}
-        with res.stage(name, component, others, place=place, release=self.release if self.lazy else None):
-            yield component
+        self._control_nets = tuple(extras)
+        try:
+            if place:
+                self._plan(work)
+            te = self._te if self._te is not None and self._te.loaded else None
+            others = {"dit": self._dit, "text_encoder": te, "vae": self._vae}
+            release = self.release if self.lazy else None
+            with res.stage(name, component, others, place=place, release=release, extras=extras):
+                yield component
+        finally:
+            self._control_nets = ()
+            if extras:
+                res.forget(name)  # the ControlNets belong to this run: next time the DiT is placed without them
 
     def encode_prompts(self, prompts: list[str], max_length: int | None = 512) -> list[torch.Tensor]:
         from .memory import Workload
@@ -504,9 +532,11 @@ class ZImagePipeline:
         mask: torch.Tensor | None = None,
         callback: Callable | None = None,
         cancel: Callable[[], bool] | None = None,
+        controls: Sequence[ControlInput] = (),
     ) -> torch.Tensor:
         """:func:`denoise_latents` with the DiT placed by this pipeline's memory mode; returns model-space latents
-        ``[B, 16, h, w]`` (float32). ``cond``/``uncond``: caption features, or Omni conditions (edit)."""
+        ``[B, 16, h, w]`` (float32). ``cond``/``uncond``: caption features, or Omni conditions (edit).
+        ``controls``: ControlNets, placed with the DiT (their blocks stream with its blocks when the plan says)."""
         from .memory import Workload
 
         b, _, h, w = noise.shape
@@ -514,9 +544,16 @@ class ZImagePipeline:
         work = self._work or Workload(
             w * VAE_DOWNSCALE, h * VAE_DOWNSCALE, b, uncond is not None and opts.cfg > 1.0, tokens
         )
+        nets = tuple(dict.fromkeys(c.net for c in controls))
+        if nets and self._dit is None and self.residency is not None:
+            self._control_nets = nets  # load the DiT where the plan that counts the ControlNets puts it
+            try:
+                self._plan(work)
+            finally:
+                self._control_nets = ()
         dit = self.dit
-        with self._stage("dit", dit, work):
-            return denoise_latents(dit, cond, uncond, noise, opts, init_latents, mask, callback, cancel)
+        with self._stage("dit", dit, work, extras=nets):
+            return denoise_latents(dit, cond, uncond, noise, opts, init_latents, mask, callback, cancel, controls)
 
     def _vae_stage(self, fn, work_hw: tuple[int, int], batch: int):
         """Run ``fn(vae, planned tile)`` with the VAE on the device (the DiT parked first when the plan says so)."""
@@ -553,16 +590,38 @@ class ZImagePipeline:
 
         return self._vae_stage(run, tuple(pixels.shape[-2:]), pixels.shape[0])
 
+    # ---- ControlNets ------------------------------------------------------------------------------
+    def _base_config(self):
+        if self._dit is not None:
+            return self._dit.cfg
+        if "dit" in self._estimates:
+            return self._estimates["dit"][1]
+        return None
+
+    def check_controls(self, specs: Sequence[ControlSpec]) -> None:
+        """Check ControlNet requests before anything heavy loads (:func:`~zimage_core.controls.probe_controls`)."""
+        probe_controls(specs, self._base_config())
+
+    def load_controlnets(self, specs: Sequence[ControlSpec]) -> list[ControlNet]:
+        """The ControlNet of each spec, in the pipeline's dtype and quantization, off the device when a memory mode
+        places it (:func:`~zimage_core.controls.load_controlnets`)."""
+        src = self.sources
+        dtype = src.dtype if src is not None else (self._dit.dtype if self._dit is not None else torch.float32)
+        device = self.device if self.residency is None else self.offload_device
+        return load_controlnets(specs, self._base_config(), dtype, device, src.quant if src is not None else "none")
+
+    def control_inputs(self, specs: Sequence[ControlSpec], width: int, height: int) -> list[ControlInput]:
+        """Load the ControlNets and encode their images (VAE stage) for a ``width`` x ``height`` generation."""
+        nets = self.load_controlnets(specs)
+        return build_control_inputs(specs, nets, self.encode_image, width, height)
+
     def check_request(self, opts: GenerateOptions, tile: int | str | None = "auto") -> None:
         """Refuse a size and batch whose working memory cannot fit the device (before anything is loaded when the
         pipeline was built by :meth:`load`: the DiT's architecture comes from its file header)."""
         from .validate import check_request_memory
 
-        if self._dit is not None:
-            dit_cfg = self._dit.cfg
-        elif "dit" in self._estimates:
-            dit_cfg = self._estimates["dit"][1]
-        else:
+        dit_cfg = self._base_config()
+        if dit_cfg is None:
             return
         dtype = self.sources.dtype if self.sources is not None else (self._dit.dtype if self._dit else torch.float32)
         elt = torch.empty((), dtype=dtype).element_size()
@@ -598,6 +657,7 @@ class ZImagePipeline:
         from .vae import tensor_to_pil
 
         opts.validate()
+        self.check_controls(opts.controls)
         prompts = opts.prompts()
         use_cfg = opts.cfg > 1.0
         start_latents(init_latents, mask, latent_shape(len(prompts), opts.height, opts.width))
@@ -610,6 +670,7 @@ class ZImagePipeline:
             cond = [embeds[p] for p in prompts]
             uncond = [embeds[n] for n in opts.negatives()] if use_cfg else None
             del embeds
+            controls = self.control_inputs(opts.controls, opts.width, opts.height) if opts.controls else []
             noise = initial_noise(latent_shape(len(prompts), opts.height, opts.width), opts.seed)
             if init_latents is not None:
                 init_latents = init_latents.expand(len(prompts), -1, -1, -1)
@@ -622,10 +683,12 @@ class ZImagePipeline:
                     callback(i, n, x, denoised)
 
             try:
-                latents = self.sample(cond, uncond, noise, opts, init_latents, mask, callback=on_step)
+                latents = self.sample(
+                    cond, uncond, noise, opts, init_latents, mask, callback=on_step, controls=controls
+                )
             finally:
                 bar.close()
-            del cond, uncond
+            del cond, uncond, controls
             return tensor_to_pil(self.decode(latents, tile=tile))
         finally:
             self._work = None
@@ -638,7 +701,10 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def options_metadata(opts: GenerateOptions, **extra) -> dict:
-    """Generation parameters as a flat dict (for PNG metadata)."""
+    """Generation parameters as a flat dict (for PNG metadata); ControlNets by name, strength and window."""
+    controls = opts.controls
+    opts = dataclasses.replace(opts, controls=[])
     d = asdict(opts)
+    d["controls"] = [{"controlnet": c.name(), "strength": c.strength, "start": c.start, "end": c.end} for c in controls]
     d.update(extra)
     return d

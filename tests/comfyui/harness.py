@@ -155,6 +155,7 @@ def start_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("comfyui")
     tiny = build_tiny_model(tmp, seed=51)
     models = C.install_edit_models(tiny, C.install_models(tiny, tmp / "models"), seed=52)
+    C.install_controlnet(tiny, models, seed=53)
     import shutil
 
     shutil.rmtree(models / "text_encoders" / "tokenizer")  # use ComfyUI's bundled qwen25_tokenizer
@@ -175,13 +176,15 @@ def start_server(tmp_path_factory):
     rgba = np.full((H, W, 4), 255, dtype=np.uint8)
     rgba[..., 0] = np.linspace(0, 255, W, dtype=np.uint8)[None, :]
     rgba[8:40, 24:56, 3] = 0
+    rgba[12:36, 6:22, :3] = 20  # a dark block: edges for the Canny preprocessor
     Image.fromarray(rgba, "RGBA").save(tmp / "input" / "example.png")
     yaml = tmp / "extra_model_paths.yaml"
     yaml.write_text(
         "zimage_test:\n"
         + f"    base_path: {tmp}\n"
         + "".join(
-            f"    {k}: models/{k}\n" for k in ("diffusion_models", "text_encoders", "vae", "loras", "clip_vision")
+            f"    {k}: models/{k}\n"
+            for k in ("diffusion_models", "text_encoders", "vae", "loras", "clip_vision", "model_patches")
         )
         + "    custom_nodes: custom_nodes\n"
     )

@@ -52,6 +52,19 @@ def install_models(tiny, root: Path, dit_names=("z_image_turbo_bf16.safetensors"
     return root
 
 
+CONTROLNET_NAME = "Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors"
+
+
+def install_controlnet(tiny, root: Path, seed: int = 0) -> Path:
+    """Add a tiny 2.1-layout Fun ControlNet for the tiny DiT as ``model_patches/CONTROLNET_NAME`` (where native
+    ComfyUI keeps it) to a ``models/`` folder made by :func:`install_models`."""
+    from tests.factories.controlnet import make_controlnet, save_controlnet
+
+    (root / "model_patches").mkdir(parents=True, exist_ok=True)
+    save_controlnet(make_controlnet("tiny-2.1", tiny.dit_config, seed), root / "model_patches" / CONTROLNET_NAME)
+    return root
+
+
 OMNI_DIT_NAME = "z_image_omni_base_bf16.safetensors"
 VISION_NAME = "siglip2-so400m-patch16-naflex"
 
@@ -239,6 +252,30 @@ class SaveImage:
         return {"ui": {"images": results}}
 
 
+class Canny:
+    """Core ``Canny`` (comfy_extras/nodes_canny.py): kornia's Canny on the IMAGE, the edge map as a 3-channel IMAGE."""
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "detect_edge"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        t = {"min": 0.01, "max": 0.99, "step": 0.01}
+        return {
+            "required": {
+                "image": ("IMAGE",),
+                "low_threshold": ("FLOAT", {"default": 0.4, **t}),
+                "high_threshold": ("FLOAT", {"default": 0.8, **t}),
+            }
+        }
+
+    def detect_edge(self, image, low_threshold, high_threshold):
+        from kornia.filters import canny
+
+        edges = canny(image.movedim(-1, 1), low_threshold, high_threshold)[1]
+        return (edges.repeat(1, 3, 1, 1).movedim(1, -1),)
+
+
 class KSampler:
     """Core KSampler's inputs (names, order, widgets), for converting UI workflows. Sampling a bridged MODEL needs
     ComfyUI's own model machinery (``Z-Image Model -> MODEL`` refuses to work without it), so workflows that use
@@ -270,7 +307,17 @@ class KSampler:
 
 CORE_NODES = {
     c.__name__: c
-    for c in (EmptySD3LatentImage, VAELoader, VAEDecode, VAEEncode, SetLatentNoiseMask, LoadImage, SaveImage, KSampler)
+    for c in (
+        EmptySD3LatentImage,
+        VAELoader,
+        VAEDecode,
+        VAEEncode,
+        SetLatentNoiseMask,
+        LoadImage,
+        SaveImage,
+        Canny,
+        KSampler,
+    )
 }
 
 

@@ -28,6 +28,8 @@ VARIANTS: dict[str, tuple[int, int, str | None, bool]] = {
     "tile": (15, 33, "control_noise_refiner", False),  # Z-Image-Turbo-Fun-Controlnet-Tile-2.1
     "base-2.1": (15, 33, "control_noise_refiner", False),  # Z-Image-Fun-Controlnet-Union-2.1 (for Base)
 }
+# The same layouts with 2 control layers, for a tiny DiT of a few layers (end-to-end pipeline tests).
+TINY_VARIANTS = {"tiny-1.0": (2, 16, None, False), "tiny-2.1": (2, 33, "control_noise_refiner", False)}
 EXPECTED_REFINER = {None: "plain", "control_layers": "control_layers", "control_noise_refiner": "control"}
 
 
@@ -62,7 +64,7 @@ def _diffusers_model(base: DiTConfig, n: int, in_ch: int, mode: str | None, seed
 
 def make_controlnet(variant: str, base: DiTConfig | None = None, seed: int = 10) -> TinyControlNet:
     base = base or base_config()
-    n, in_ch, mode, zero_refiner = VARIANTS[variant]
+    n, in_ch, mode, zero_refiner = {**VARIANTS, **TINY_VARIANTS}[variant]
     model = _diffusers_model(base, n, in_ch, mode, seed)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if zero_refiner:

@@ -180,6 +180,7 @@ def test_resume_then_override_continues_the_run(trained, tmp_path, capsys):
 def test_resume_policy_table():
     assert policy("optim.lr") == APPLY and policy("max_steps") == APPLY and policy("distill.ttur") == APPLY
     assert policy("rl.kl_beta") == APPLY and policy("checkpoint.every") == FREE and policy("output_dir") == FREE
+    assert policy("rl.distill.ttur") == APPLY and policy("rl.distill.method") == REFUSE  # DMDR's [rl.distill]
     for key in ("model.dims.dim", "lora.rank", "data.resolution", "seed", "distill.method", "rl.method", "x.y"):
         assert policy(key) == REFUSE, key
     saved = {"optim": {"lr": 1e-4, "betas": [0.9, 0.99]}, "data": {"sources": [{"path": "a"}]}}

@@ -132,6 +132,16 @@ def with_activation(size: ComponentSize, activation: int) -> ComponentSize:
     return ComponentSize(size.total, size.blocks, activation)
 
 
+def with_controls(size: ComponentSize, controls) -> ComponentSize:
+    """The DiT stage's size with ControlNets (loaded modules) beside the DiT: their weights count, and their
+    blocks are blocks the stage can stream (the order of :func:`dit_stream_blocks`: after the DiT's)."""
+    if not controls:
+        return size
+    extra = sum(module_bytes(net) for net in controls)
+    blocks = tuple(module_bytes(b) for net in controls for b in net.blocks())
+    return ComponentSize(size.total + extra, size.blocks + blocks, size.activation)
+
+
 def component_sizes(dit, te, vae, estimates: dict, work: Workload, dtype: torch.dtype) -> tuple[dict, object]:
     """``({component: ComponentSize}, VAEConfig)``: from the loaded modules, else from ``estimates``
     (``{component: (size without activation, config)}`` from the ``probe_*`` functions)."""
@@ -208,6 +218,8 @@ class Residency:
         self.plan: MemoryPlan | None = None
         self.streamers: dict[str, BlockStreamer] = {}
         self._placed: dict[str, tuple] = {}  # component -> (id(module), blocks streamed) of its installed placement
+        self.extras: dict[str, tuple] = {}  # component -> modules placed with it (ControlNets beside the DiT)
+        self.extra_streamers: dict[int, BlockStreamer] = {}  # id(module) -> streamer, host placement (stream_extra)
 
     # ---- planning ------------------------------------------------------------------------------
     def make_plan(
@@ -250,19 +262,25 @@ class Residency:
 
     # ---- stages --------------------------------------------------------------------------------
     @contextmanager
-    def stage(self, name: str, component, others: dict | None = None, place: bool = True, release=None):
+    def stage(self, name: str, component, others: dict | None = None, place: bool = True, release=None, extras=()):
         """Run one stage with ``component`` placed for it.
 
         ``others``: the other loaded components by name (those the plan wants off the device are parked first).
         ``place=False``: the stage does not need the weights (e.g. every prompt is cached): nothing moves.
         ``release(name)``: called at the end instead of parking (a one-shot run frees each component after use).
+        ``extras``: modules that run inside the component's stage and are placed with it (the DiT's ControlNets:
+        their blocks stream with the DiT's in block-swap/sequential plans; plan with
+        :func:`with_controls` sizes).
         """
         plan = self._require_plan()
         if place:
             for other in plan.evicts(name):
                 if (others or {}).get(other) is not None:
                     self.park(other, others[other])
-            self.place(name, component)
+            if extras:
+                self.place(name, component, extras)
+            else:
+                self.place(name, component)
         try:
             yield component
         finally:
@@ -272,18 +290,26 @@ class Residency:
             elif place and plan.parks_after(name):
                 self.park(name, component)
 
-    def place(self, name: str, component) -> None:
-        """Put ``component`` on the device as the plan says: whole, or with its planned blocks streaming."""
+    def place(self, name: str, component, extras=()) -> None:
+        """Put ``component`` on the device as the plan says: whole, or with its planned blocks streaming.
+        ``extras`` (DiT only): ControlNets placed with it, their blocks counted among the streamed ones."""
         n = self.streamed_blocks(name)
-        key = (id(component), n)
+        extras = tuple(extras)
+        if extras and name != "dit":
+            raise ValueError(f"only the DiT is placed with extra modules, not the {name}")
+        key = (id(component), n, tuple(map(id, extras)))
         if name == "vae":
             component.to(self.device)
             return
         if self._placed.get(name) == key:
             return
         self._drop(name)
+        self._park_extras(name, keep=extras)
         if name == "dit":
-            streamer = stream_dit(component, n, self.device, self.offload_device, pin=self.pin, trace=self.trace)
+            streamer = stream_dit(
+                component, n, self.device, self.offload_device, extras, pin=self.pin, trace=self.trace
+            )
+            self.extras[name] = extras
         elif name == "text_encoder":
             streamer = None
             if n:
@@ -303,9 +329,17 @@ class Residency:
         """Move ``component`` off the device (its streaming, if any, is removed)."""
         self._drop(name)
         self._placed.pop(name, None)
+        self._park_extras(name)
         if component is None or (name == "text_encoder" and not component.loaded):
             return
         component.to(self.offload_device)
+
+    def _park_extras(self, name: str, keep=()) -> None:
+        """Move the extras placed with ``name`` (but not those in ``keep``) off the device."""
+        stay = set(map(id, keep))
+        for m in self.extras.pop(name, ()):
+            if id(m) not in stay:
+                m.to(self.offload_device)
 
     def finish(self, name: str) -> None:
         """End of a stage: drop the component's pending prefetches (it stays placed)."""
@@ -317,6 +351,7 @@ class Residency:
         """The component was released or replaced: drop what was installed on it."""
         self._drop(name)
         self._placed.pop(name, None)
+        self.extras.pop(name, None)
 
     def _drop(self, name: str) -> None:
         streamer = self.streamers.pop(name, None)
@@ -348,6 +383,52 @@ class Residency:
             return
         streamer.flush()
         move_resident(component, streamer.blocks, device)
+
+    # ---- modules a host places beside the DiT (ControlNets in ComfyUI) ----------------------------
+    def stream_extra(self, module, owner, label: str = "ControlNet"):
+        """Host placement of a module that runs inside the DiT's stage (a ControlNet, ``module.blocks()``): when the
+        plan streams DiT blocks, every block of ``module`` streams too (``owner``, the DiT, ends them with its
+        stage). Returns :func:`~zimage_core.memory.streaming.resident_parts` (what the host moves), or None when the
+        plan streams nothing. Idempotent per module; :meth:`drop_extra` removes it."""
+        if self.streamed_blocks("dit") <= 0:
+            return None
+        streamer = self.extra_streamers.get(id(module))
+        if streamer is None:
+            streamer = BlockStreamer(
+                module.blocks(),
+                self.device,
+                self.offload_device,
+                pin=self.pin,
+                trace=self.trace,
+                name=label,
+                owner=owner,
+            )
+            self.extra_streamers[id(module)] = streamer
+        return resident_parts(module, streamer.blocks)
+
+    def move_extra(self, module, device: torch.device | str) -> None:
+        """Move what of ``module`` is not streamed to ``device`` (everything, when nothing streams)."""
+        streamer = self.extra_streamers.get(id(module))
+        if streamer is None:
+            module.to(device)
+            return
+        streamer.flush()
+        move_resident(module, streamer.blocks, device)
+
+    def finish_extra(self, module) -> None:
+        streamer = self.extra_streamers.get(id(module))
+        if streamer is not None:
+            streamer.flush()
+
+    def extra_staging_bytes(self, module) -> int:
+        streamer = self.extra_streamers.get(id(module))
+        return 0 if streamer is None else streamer.staging_bytes()
+
+    def drop_extra(self, module) -> None:
+        """Remove ``module``'s streaming (its streamed blocks stay on the offload device)."""
+        streamer = self.extra_streamers.pop(id(module), None)
+        if streamer is not None:
+            streamer.remove()
 
     def staging_bytes(self, name: str) -> int:
         """Device bytes the component's streaming adds while it runs (the staged blocks)."""

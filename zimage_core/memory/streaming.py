@@ -356,35 +356,40 @@ def pick_blocks(blocks: Sequence[nn.Module], n: int) -> list[nn.Module]:
     return [blocks[int((k + 0.5) * m / n)] for k in range(n)]
 
 
-def dit_stream_blocks(dit, n: int) -> list[nn.Module]:
+def dit_stream_blocks(dit, n: int, controls: Sequence[nn.Module] = ()) -> list[nn.Module]:
     """The DiT blocks to stream for ``block-swap:n``, in execution order.
 
-    The per-step blocks (noise refiner, then the main layers) come first; the caption refiners, which
-    run once per generation, are streamed only when ``n`` exceeds the per-step blocks.
+    The per-step blocks (noise refiner, then the main layers, then the blocks of any ControlNets in
+    ``controls``, which run every step beside them) come first; the caption refiners, which run once per
+    generation, are streamed only when ``n`` exceeds the per-step blocks.
     """
-    per_step = list(dit.noise_refiner) + list(dit.layers)
+    per_step = list(dit.noise_refiner) + list(dit.layers) + [b for net in controls for b in net.blocks()]
     once = list(dit.context_refiner) + list(getattr(dit, "siglip_refiner", None) or [])
     chosen = set(map(id, pick_blocks(per_step, n) + pick_blocks(once, n - len(per_step))))
     return [b for b in once + per_step if id(b) in chosen]
 
 
-def dit_block_count(dit) -> int:
+def dit_block_count(dit, controls: Sequence[nn.Module] = ()) -> int:
     return (
         len(dit.noise_refiner)
         + len(dit.layers)
         + len(dit.context_refiner)
         + len(getattr(dit, "siglip_refiner", None) or [])
+        + sum(len(net.blocks()) for net in controls)
     )
 
 
-def stream_dit(dit, n: int, device, offload_device="cpu", **kw) -> BlockStreamer | None:
-    """Stream ``n`` DiT blocks; everything else goes to ``device``. None (and fully resident) for n = 0."""
+def stream_dit(dit, n: int, device, offload_device="cpu", controls: Sequence[nn.Module] = (), **kw):
+    """Stream ``n`` DiT blocks (ControlNet blocks of ``controls`` counted among them, see
+    :func:`dit_stream_blocks`); everything else goes to ``device``. None (and fully resident) for n = 0."""
     if n <= 0:
-        dit.to(device)
+        for m in (dit, *controls):
+            m.to(device)
         return None
-    blocks = dit_stream_blocks(dit, n)
+    blocks = dit_stream_blocks(dit, n, controls)
     streamer = BlockStreamer(blocks, device, offload_device, name=kw.pop("name", "DiT"), owner=dit, **kw)
-    move_resident(dit, blocks, device)
+    for m in (dit, *controls):
+        move_resident(m, blocks, device)
     return streamer
 
 

@@ -276,7 +276,7 @@ def _tensors(run: Path, step: int) -> dict[str, torch.Tensor]:
     return {f"{f.name}/{k}": v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
-def test_stopped_and_resumed_dmdr_equals_uninterrupted(tmp_path, teacher):
+def test_stopped_and_resumed_dmdr_equals_uninterrupted(tmp_path, teacher, capsys):
     extra = dict(
         max_steps=4,
         rl__reward_start=1,
@@ -298,6 +298,13 @@ def test_stopped_and_resumed_dmdr_equals_uninterrupted(tmp_path, teacher):
     mb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert [r["loss"] for r in ma] == [r["loss"] for r in mb]
     assert [r["dynadg_tilt"] for r in ma] == pytest.approx([0.375, 0.28125, 0.09375, 0.0])
+    # resuming with edited DMDR settings: loss weights and schedules apply, the reward method is refused
+    edited = ["max_steps=5", "rl.reward_weight=0.25", "rl.distill.ttur=2", "--resume", "--no-progress", "-q"]
+    assert run_main([str(CONFIG), *b, *edited]) == 0
+    capsys.readouterr()
+    refused = ["max_steps=6", "rl.dmdr_reward=grpo", "rl.group_size=2", "--resume", "--no-progress", "-q"]
+    assert run_main([str(CONFIG), *b, *refused]) == 2
+    assert "rl.dmdr_reward = 'grpo'" in capsys.readouterr().err
 
 
 def test_grpo_term_estimates_the_reward_gradient_from_scores_alone(built):

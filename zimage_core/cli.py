@@ -186,7 +186,7 @@ def generate_options(args):
     """The typed, validated request of ``zimage generate`` and its checked inputs, before any model is loaded:
     options (ranges, finiteness), the device, every output path, the LoRA files and the init image and mask
     (fully decoded). Returns ``(options, device, loras, init image, mask image)``."""
-    from .pipeline import GenerateOptions
+    from .options import GenerateOptions
 
     if args.mask and not args.init_image:
         raise ZImageError("--mask needs --init-image (the picture to inpaint).")

@@ -9,116 +9,32 @@ Conventions (``docs/model.md``, section 4):
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .attention import set_attention
 from .checkpoints import load_dit
-from .config import PIXEL_MULTIPLE, VAE_DOWNSCALE
+from .config import VAE_DOWNSCALE
 from .controlnet import ControlInput, ControlNet
-from .controls import ControlSpec, build_control_inputs, check_controls, load_controlnets, probe_controls
+from .controls import ControlSpec, build_control_inputs, load_controlnets, probe_controls
 from .denoiser import Denoiser
 from .dit import ZImageDiT
 from .dtypes import resolve_dtype
 from .errors import ZImageError
 from .memory.planner import MemoryMode, parse_memory_mode
 from .memory.streaming import flush_streamers
-from .sampling import get_sampler, initial_noise, latent_shape, sample
+from .options import GenerateOptions
+from .sampling import initial_noise, latent_shape, sample
 from .schedules import img2img_sigmas
 from .validate import start_latents, warn_untrained_positions
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class GenerateOptions:
-    """One generation request; defaults are Z-Image-Turbo's (8 steps, shift 3, no CFG)."""
-
-    prompt: str | list[str]
-    negative: str | list[str] | None = None
-    width: int = 1024
-    height: int = 1024
-    steps: int = 8
-    cfg: float = 1.0
-    shift: float = 3.0
-    sampler: str = "euler"
-    seed: int = 0
-    batch: int = 1
-    cfg_normalization: float = 0.0
-    cfg_truncation: float = 1.0
-    max_length: int | None = 512
-    denoise: float = 1.0
-    loras: list[tuple[str, float]] = field(default_factory=list)
-    #: ControlNets (:class:`~zimage_core.controls.ControlSpec`); several sum their hints.
-    controls: list[ControlSpec] = field(default_factory=list)
-
-    def validate(self) -> None:
-        """Check every field (types, ranges, finiteness) and normalise whole-number floats to ints; one
-        :class:`ZImageError` naming the field otherwise."""
-        from . import validate as v
-
-        for name in ("prompt", "negative"):
-            value = getattr(self, name)
-            if value is None and name == "negative":
-                continue
-            texts = [value] if isinstance(value, str) else value
-            if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
-                raise ZImageError(f"{name} must be a string or a non-empty list of strings, got {value!r}.")
-        for name in ("width", "height"):
-            val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int) or val < PIXEL_MULTIPLE or val % PIXEL_MULTIPLE:
-                try_ = (
-                    max(PIXEL_MULTIPLE, round(val / PIXEL_MULTIPLE) * PIXEL_MULTIPLE) if isinstance(val, int) else 1024
-                )
-                raise ZImageError(
-                    f"{name} {val} is not a positive multiple of {PIXEL_MULTIPLE} (VAE x8 times patch 2); try {try_}."
-                )
-        self.steps = v.int_in_range("steps", self.steps, 1, 10_000)
-        self.batch = v.int_in_range("batch", self.batch, 1, 4096)
-        self.seed = v.seed(self.seed)
-        cfg = v.finite_float("cfg", self.cfg)
-        if cfg < 1.0:
-            raise ZImageError(f"cfg {self.cfg} is below 1 (ComfyUI convention: 1 = off, 4 = Base default).")
-        v.finite_float("shift", self.shift, 0.0, lo_open=True)
-        v.finite_float("cfg_normalization", self.cfg_normalization, 0.0)
-        v.finite_float("cfg_truncation", self.cfg_truncation, 0.0)
-        if self.max_length is not None:
-            self.max_length = v.int_in_range("max_length (prompt tokens; None = no limit)", self.max_length, 1)
-        if (
-            not isinstance(self.denoise, (int, float))
-            or isinstance(self.denoise, bool)
-            or not 0.0 < self.denoise <= 1.0
-        ):
-            raise ZImageError(f"denoise must be in (0, 1], got {self.denoise}.")
-        for item in self.loras:
-            if not isinstance(item, (tuple, list)) or len(item) != 2:
-                raise ZImageError(f"loras must hold (file, strength) pairs, got {item!r}.")
-            v.finite_float(f"the strength of LoRA '{item[0]}'", item[1])
-        if not isinstance(self.sampler, str):
-            raise ZImageError(f"sampler must be a name, got {self.sampler!r}.")
-        get_sampler(self.sampler)
-        check_controls(self.controls)
-
-    def prompts(self) -> list[str]:
-        p = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
-        return [x for x in p for _ in range(self.batch)]
-
-    def negatives(self) -> list[str]:
-        n = self.negative if self.negative is not None else ""
-        n = [n] if isinstance(n, str) else list(n)
-        base = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
-        if len(n) == 1:
-            n = n * len(base)
-        if len(n) != len(base):
-            raise ZImageError(f"{len(n)} negative prompts for {len(base)} prompts; give one, or one per prompt.")
-        return [x for x in n for _ in range(self.batch)]
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
@@ -698,13 +614,3 @@ def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, disable=None if enabled else True, leave=False)
-
-
-def options_metadata(opts: GenerateOptions, **extra) -> dict:
-    """Generation parameters as a flat dict (for PNG metadata); ControlNets by name, strength and window."""
-    controls = opts.controls
-    opts = dataclasses.replace(opts, controls=[])
-    d = asdict(opts)
-    d["controls"] = [{"controlnet": c.name(), "strength": c.strength, "start": c.start, "end": c.end} for c in controls]
-    d.update(extra)
-    return d

@@ -253,10 +253,14 @@ def test_quantized_lora_sequential_equals_full(model, files, tmp_path):
 # CLI
 # ---------------------------------------------------------------------------------------------
 def cli(model, out, *extra):
-    return main(
-        ["generate", "--model", str(model.root), "--prompt", "a house by a lake", "--width", str(W), "--height",
-         str(H), "--steps", "3", "--seed", "11", "--device", "cpu", "--dtype", "fp32", "--out", str(out), *extra]
-    )  # fmt: skip
+    """``zimage generate``'s exit code (flag errors exit through argparse with code 2)."""
+    try:
+        return main(
+            ["generate", "--model", str(model.root), "--prompt", "a house by a lake", "--width", str(W), "--height",
+             str(H), "--steps", "3", "--seed", "11", "--device", "cpu", "--dtype", "fp32", "--out", str(out), *extra]
+        )  # fmt: skip
+    except SystemExit as e:
+        return e.code
 
 
 def test_cli_image_equals_library_image(model, files, pipe, tmp_path):
@@ -291,7 +295,7 @@ def test_cli_image_equals_library_image(model, files, pipe, tmp_path):
 @pytest.mark.parametrize(
     "extra, expect",
     [
-        (["--control-strength", "nan"], "strength nan is not a finite number"),
+        (["--control-strength", "nan"], "--control-strength: 'nan' is not a finite number"),
         (["--control-start", "0.8", "--control-end", "0.2"], "start 0.8 / end 0.2"),
         (["--control-image", "CANNY", "--control-image", "CANNY"], "2 --control-image values for 1 --controlnet"),
         (["--control-mask", "MASK"], "inpaint image and the control mask together"),

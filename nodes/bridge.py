@@ -381,6 +381,36 @@ def _patcher_class(base: type) -> type:
     return ZImageBridgePatcher
 
 
+@functools.lru_cache(maxsize=None)
+def _model_class(base: type) -> type:
+    """``comfy.model_base.Lumina2`` that also turns Omni/edit conditioning into the DiT's inputs where this ComfyUI's
+    Lumina2 does not (ComfyUI before its Z-Image Omni support drops ``reference_latents`` and the rest silently; a
+    ComfyUI that forwards them keeps its own conversion)."""
+
+    class ZImageBridgeModel(base):
+        def extra_conds(self, **kwargs):
+            out = super().extra_conds(**kwargs)
+            conds = host.comfy_module("comfy.conds")
+            refs = kwargs.get("reference_latents")
+            if refs is not None and "ref_latents" not in out:
+                out["ref_latents"] = conds.CONDList([self.process_latent_in(r) for r in refs])
+            texts = kwargs.get("reference_latents_text_embeds")
+            if texts is not None and "ref_contexts" not in out:
+                out["ref_contexts"] = conds.CONDList(list(texts))
+            feats = [_siglip_grid(o) for o in kwargs.get("clip_vision_outputs") or () if o is not None]
+            if feats and "siglip_feats" not in out:
+                out["siglip_feats"] = conds.CONDList(feats)
+            return out
+
+    return ZImageBridgeModel
+
+
+def _siglip_grid(output) -> torch.Tensor:
+    """A CLIP-vision output's SigLIP tokens as the ``[B, h, w, C]`` grid native Z-Image reads (16-pixel patches)."""
+    hidden, size = output["last_hidden_state"], output["image_sizes"][0]
+    return hidden.reshape(hidden.shape[0], int(size[-2]) // 16, int(size[-1]) // 16, hidden.shape[-1])
+
+
 def available() -> bool:
     mb, sm = host.comfy_module("comfy.model_base"), host.comfy_module("comfy.supported_models")
     return (
@@ -403,7 +433,7 @@ def register(slot, load_device: torch.device, offload_device: torch.device) -> B
     try:
         mc = sm.ZImage(_unet_config(dit.cfg))
         mc.set_inference_dtype(dit.dtype, None)
-        model = mb.Lumina2(mc, device=None)
+        model = _model_class(mb.Lumina2)(mc, device=None)
         model.diffusion_model = NativeDiT(dit, blocks, on_move=lambda: residency.finish("dit"))
         streamed = _streamed_keys(dit, blocks)
         size = sum(t.nbytes for k, t in model.state_dict().items() if k not in streamed)

@@ -249,3 +249,37 @@ def test_a_clone_takes_comfyuis_other_patches_off_before_the_engine_changes_its_
     events.clear()
     rules.before_load(clone(("Y",)))  # already in that state: nothing moves
     assert events == ["finish"]
+
+
+class _Lumina2Before:
+    """ComfyUI's Lumina2 before its Omni support: text conditioning only."""
+
+    def extra_conds(self, **kwargs):
+        return {"c_crossattn": kwargs.get("cross_attn")}
+
+    def process_latent_in(self, x):
+        return (x - 0.1159) * 0.3611  # Flux's latent format
+
+
+class _Lumina2After(_Lumina2Before):
+    def extra_conds(self, **kwargs):
+        return {**super().extra_conds(**kwargs), "ref_latents": "native's own"}
+
+
+def test_omni_conditioning_reaches_the_dit_on_a_comfyui_whose_lumina2_drops_it(monkeypatch):
+    class CONDList(list):
+        pass
+
+    monkeypatch.setattr(bridge.host, "comfy_module", lambda name: type("m", (), {"CONDList": CONDList}))
+    ref = torch.randn(1, 16, 4, 6)
+    texts = [torch.randn(1, 3, 32), torch.randn(1, 2, 32)]
+    vision = {"last_hidden_state": torch.randn(1, 2 * 3, 8), "image_sizes": [torch.Size((3, 32, 48))]}
+    kw = dict(cross_attn=1, reference_latents=[ref], reference_latents_text_embeds=texts, clip_vision_outputs=[vision])
+    out = bridge._model_class(_Lumina2Before)().extra_conds(**kw)
+    assert isinstance(out["ref_latents"], CONDList) and torch.equal(out["ref_latents"][0], (ref - 0.1159) * 0.3611)
+    assert out["ref_contexts"] == texts and out["c_crossattn"] == 1
+    (grid,) = out["siglip_feats"]
+    assert grid.shape == (1, 2, 3, 8) and torch.equal(grid.reshape(1, 6, 8), vision["last_hidden_state"])
+    # a ComfyUI that forwards them keeps its own conversion
+    assert bridge._model_class(_Lumina2After)().extra_conds(**kw)["ref_latents"] == "native's own"
+    assert bridge._model_class(_Lumina2Before)().extra_conds(cross_attn=1) == {"c_crossattn": 1}

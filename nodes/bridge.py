@@ -402,6 +402,8 @@ def _model_class(base: type) -> type:
                 out["siglip_feats"] = conds.CONDList(feats)
             return out
 
+    # ComfyUI logs and reports the model by its class name ("Requested to load Lumina2"): keep native's
+    ZImageBridgeModel.__name__ = ZImageBridgeModel.__qualname__ = base.__name__
     return ZImageBridgeModel
 
 

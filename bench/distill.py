@@ -55,7 +55,7 @@ from train.objective import dynamic_mu  # noqa: E402
 from zimage_core.vae import pil_to_tensor  # noqa: E402
 
 PATCH, CHANNELS = 8, 16
-VAE_NAME = "pca-patch"
+VAE_FILE = "vae.pt"  # the fitted PatchPCA in the work folder; runs name it as model.vae
 CFG = 3.0
 
 
@@ -100,14 +100,15 @@ class PatchPCA(nn.Module):
 
 
 @contextmanager
-def pca_vae(vae: PatchPCA):
-    """The trainers load ``model.vae = "pca-patch"`` as this VAE (cache building; their samples are off)."""
+def pca_vae(vae: PatchPCA, path: str | Path):
+    """The trainers load ``model.vae = path`` (the saved ``vae``) as this VAE (cache building; their samples are
+    off); the file exists, so the trainers' start checks pass."""
     import train.encoders as enc
 
     real = enc.load_vae_for
 
     def load(m, device):
-        return vae.to(device) if m.vae == VAE_NAME else real(m, device)
+        return vae.to(device) if Path(m.vae) == Path(path) else real(m, device)
 
     enc.load_vae_for = load
     try:
@@ -274,7 +275,7 @@ def distill_config(
         "max_steps": max_steps,
         "log_every": 10,
         "device": "cpu",
-        "model": {"text_encoder": "random-tiny", "vae": VAE_NAME, "encoder_seed": seed},
+        "model": {"text_encoder": "random-tiny", "vae": str(work / VAE_FILE), "encoder_seed": seed},
         "data": {
             "sources": [{"type": "folder", "path": str(data)}],
             "resolution": SIZE,
@@ -307,47 +308,51 @@ def distill_config(
     }
 
 
-def child(spec_path: str) -> None:
-    """Run one distillation (``spec`` JSON: config, vae file); print a JSON line with the timings."""
+def train_in_child(spec_path: str, trainer_cls) -> tuple[object, dict, list[dict]]:
+    """Run one training of ``trainer_cls`` (``spec`` JSON: config, vae file, threads) in this process, fresh: the
+    result, its timings and the metric rows."""
     import shutil
-
-    from train.distill import Distiller
 
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec["threads"])
     vae = torch.load(spec["vae"], weights_only=False)
     shutil.rmtree(spec["config"]["output_dir"], ignore_errors=True)  # a fresh run, also in a kept --work folder
-    with pca_vae(vae):
-        dist = Distiller(config_from_dict(spec["config"]), progress=False)
+    with pca_vae(vae, spec["vae"]):
+        run = trainer_cls(config_from_dict(spec["config"]), progress=False)
         t0 = time.perf_counter()
-        dist.setup()
+        run.setup()
         t_setup = time.perf_counter() - t0
         t1 = time.perf_counter()
-        res = dist.train()
+        res = run.train()
         t_train = time.perf_counter() - t1
-    metrics = [json.loads(x) for x in (Path(spec["config"]["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    print(
-        json.dumps(
-            {
-                "student": str(res.export),
-                "steps": res.step,
-                "setup_s": t_setup,
-                "train_s": t_train,
-                "sec_per_step": t_train / max(1, res.step),
-                "peak_rss_mb": peak_rss_mb(),
-                "last": metrics[-1],
-            }
-        )
-    )
+    rows = [json.loads(x) for x in (Path(spec["config"]["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    times = {
+        "student": str(res.export),
+        "steps": res.step,
+        "setup_s": t_setup,
+        "train_s": t_train,
+        "sec_per_step": t_train / max(1, res.step),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    return res, times, rows
 
 
-def run_child(spec: dict, work: Path) -> dict:
-    path = work / f"{spec['config']['name']}.json"
+def child(spec_path: str) -> None:
+    """Run one distillation; print a JSON line with the timings."""
+    from train.distill import Distiller
+
+    _, times, rows = train_in_child(spec_path, Distiller)
+    print(json.dumps({**times, "last": rows[-1]}))
+
+
+def run_child(spec: dict, work: Path, script: str = __file__, what: str = "distillation") -> dict:
+    """Run ``script --child SPEC`` in a fresh process; its last stdout line (JSON)."""
+    path = work / f"{Path(script).stem}_{spec['config']['name'].replace('@', '_')}.json"
     path.write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, __file__, "--child", str(path)], capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, script, "--child", str(path)], capture_output=True, text=True, env=env)
     if out.returncode:
-        raise RuntimeError(f"distillation {spec['config']['name']} failed:\n{out.stderr[-4000:]}")
+        raise RuntimeError(f"{what} {spec['config']['name']} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -416,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         pixels = pil_to_tensor([Image.open(p).convert("RGB") for p in files])
         labels = np.array([next(i for i, c in enumerate(CLASSES) if p.name.startswith(c[1])) for p in files])
         vae = PatchPCA.fit(pixels)
-        torch.save(vae, work / "vae.pt")
+        torch.save(vae, work / VAE_FILE)
         recon = vae.decode(vae.encode(pixels))
         mse = float(((recon.clamp(-1, 1) - pixels) / 2).pow(2).mean())
         report["vae_psnr_db"] = round(10 * math.log10(1.0 / mse), 2)
@@ -436,8 +441,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"teacher reused from {teacher_file}: {report['teacher']}")
         else:
             cfg = make_config(work, data, args.seed, 10_000)
-            cfg["model"]["vae"] = VAE_NAME
-            with pca_vae(vae):
+            cfg["model"]["vae"] = str(work / VAE_FILE)
+            with pca_vae(vae, work / VAE_FILE):
                 trainer = Trainer(config_from_dict(cfg), progress=False)
                 trainer.setup()
                 losses, t_teacher = train_for(trainer, 0.0, steps=args.teacher_steps)
@@ -493,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
                 "config": distill_config(
                     work, data, teacher_file, method, steps, args.distill_steps, args.seed, shift, hp
                 ),
-                "vae": str(work / "vae.pt"),
+                "vae": str(work / VAE_FILE),
                 "threads": args.threads,
             }
             for method, steps in items

@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -33,24 +32,23 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+DMDR_VAE = "vae_dmdr.pt"  # the PatchPCA refitted here (vae.pt pickles bench/distill.py's __main__)
 sys.path.insert(0, str(ROOT))
 
-from bench._child import peak_rss_mb  # noqa: E402
 from bench._machine import cpu_name  # noqa: E402
 from bench.distill import (  # noqa: E402
     CFG,
     SIZE,
-    VAE_NAME,
     Judge,
     PatchPCA,
     generate,
     load_student,
-    pca_vae,
     save_grid,
     to_images,
+    train_in_child,
     uptime,
 )
-from train.config import config_from_dict  # noqa: E402
+from bench.distill import run_child as distill_run_child  # noqa: E402
 from train.data import make_synthetic_dataset  # noqa: E402
 from train.data.synthetic import CLASSES  # noqa: E402
 from train.objective import dynamic_mu  # noqa: E402
@@ -91,7 +89,7 @@ def dmdr_config(work: Path, teacher: Path, name: str, args, shift: float, captio
         "max_steps": args.steps,
         "log_every": 10,
         "device": "cpu",
-        "model": {"text_encoder": "random-tiny", "vae": VAE_NAME, "encoder_seed": args.seed},
+        "model": {"text_encoder": "random-tiny", "vae": str(work / DMDR_VAE), "encoder_seed": args.seed},
         "rl": rl,
         "optim": {"lr": args.lr, "weight_decay": 0.0, "warmup_steps": 10, "schedule": "constant", "grad_clip": 1.0},
         "ema": {"enabled": True, "decay": 0.95},
@@ -102,43 +100,16 @@ def dmdr_config(work: Path, teacher: Path, name: str, args, shift: float, captio
 
 
 def child(spec_path: str) -> None:
-    """One DMDR run in this process; prints a JSON line with the export and the timings."""
+    """One DMDR run in this process; prints a JSON line with the export, the timings and the reward log."""
     from train.rl.dmdr import DMDRTrainer
 
-    spec = json.loads(Path(spec_path).read_text())
-    torch.set_num_threads(spec["threads"])
-    vae = torch.load(spec["vae"], weights_only=False)
-    shutil.rmtree(spec["config"]["output_dir"], ignore_errors=True)
-    with pca_vae(vae):
-        run = DMDRTrainer(config_from_dict(spec["config"]), progress=False)
-        run.setup()
-        t0 = time.perf_counter()
-        res = run.train()
-        t_train = time.perf_counter() - t0
-    rows = [json.loads(x) for x in (Path(spec["config"]["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "loss" in r]
-    print(
-        json.dumps(
-            {
-                "student": str(res.export),
-                "steps": res.step,
-                "train_s": t_train,
-                "sec_per_step": t_train / max(1, res.step),
-                "peak_rss_mb": peak_rss_mb(),
-                "reward_log": [(r["step"], r.get("reward/total")) for r in rows],
-            }
-        )
-    )
+    _, times, rows = train_in_child(spec_path, DMDRTrainer)
+    log = [(r["step"], r.get("reward/total")) for r in rows if "loss" in r]
+    print(json.dumps({**times, "reward_log": log}))
 
 
 def run_child(spec: dict, work: Path) -> dict:
-    path = work / f"dmdr_{spec['config']['name'].replace('@', '_')}.json"
-    path.write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, __file__, "--child", str(path)], capture_output=True, text=True, env=env)
-    if out.returncode:
-        raise RuntimeError(f"DMDR run {spec['config']['name']} failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return distill_run_child(spec, work, __file__, "DMDR run")
 
 
 def reward_of(imgs: np.ndarray, name: str) -> float:
@@ -193,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     pixels = pil_to_tensor([Image.open(p).convert("RGB") for p in files])
     labels = np.array([next(i for i, c in enumerate(CLASSES) if p.name.startswith(c[1])) for p in files])
     vae = PatchPCA.fit(pixels)  # deterministic: the teacher's VAE (vae.pt pickles bench/distill.py's __main__)
-    torch.save(vae, work / "vae_dmdr.pt")
+    torch.save(vae, work / DMDR_VAE)
     judge = Judge(to_images(pixels), labels)
     teacher = load_student(str(teacher_file))
     te = random_tiny_text_encoder(args.seed)
@@ -245,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = {
         name: {
             "config": dmdr_config(work, teacher_file, name, args, shift, captions, **variants[name]),
-            "vae": str(work / "vae_dmdr.pt"),
+            "vae": str(work / DMDR_VAE),
             "threads": args.threads,
         }
         for name in wanted

@@ -60,7 +60,7 @@ from .controlnet_layouts import ControlNetCheckpoint, to_native_key
 from .dit import patchify
 from .dtypes import resolve_dtype
 from .errors import ZImageError
-from .layers import Modulation, Rope, TransformerBlock
+from .layers import Modulation, Rope, TransformerBlock, stream_dtype, stream_linear
 from .quant import comfy
 from .quant import load as qload
 from .quant.linear import share_workspace
@@ -97,9 +97,9 @@ class ControlBlock(TransformerBlock):
     def forward(self, c, x, rope: Rope, mask, mod: Modulation, hint: bool = True):  # type: ignore[override]
         """``hint=False``: skip ``after_proj`` where the hint is not used (returns ``(None, c)``)."""
         if x is not None:
-            c = self.before_proj(c) + x.to(c.dtype)
+            c = stream_linear(self.before_proj, c) + x.to(c.dtype)
         c = super().forward(c, rope, mask, mod)
-        return (self.after_proj(c) if hint else None), c
+        return (stream_linear(self.after_proj, c) if hint else None), c
 
 
 class ControlNet(nn.Module):
@@ -218,7 +218,9 @@ class ControlInput:
         if key in self._cache:
             return self._cache[key]
         ctx = self.context.to(device=net.device, dtype=net.dtype)
-        c = net.control_x_embedder(patchify(ctx, net.cfg.patch_size))
+        # the control stream is float32 for float16 weights, as the DiT's: the blocks then run with the DiT's
+        # float16 overflow guards (zimage_core.layers)
+        c = net.control_x_embedder(patchify(ctx, net.cfg.patch_size)).to(stream_dtype(net.dtype))
         n = c.shape[1]
         if n_img_pad > n:
             pad = dit.x_pad_token.to(device=c.device, dtype=c.dtype)

@@ -1,0 +1,151 @@
+"""ControlNet combined with the rest of the engine: float16 on weights that overflow a plain float16 forward, a GGUF
+DiT, nf4/fp8 control blocks, img2img and latent inpainting (the start/end window counts the steps actually run).
+
+Quality bounds are those of tests/test_quant_quality.py (cosine of the final image/latent to full precision on the
+same weights): >= 0.99 for float16, fp8 and GGUF Q8_0; >= 0.95 for nf4.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from tests.factories.controlnet import make_controlnet, save_controlnet
+from tests.factories.pipeline import build_tiny_model
+from tests.test_fp16 import overflowing
+from zimage_core.checkpoints import load_dit, save_dit
+from zimage_core.config import DiTConfig
+from zimage_core.controlnet import ControlInput, denoise_with_hints, load_controlnet
+from zimage_core.controls import ControlSpec
+from zimage_core.dit import ZImageDiT
+from zimage_core.pipeline import GenerateOptions, ZImagePipeline
+
+W, H = 64, 48
+
+
+def cos(a, b) -> float:
+    a, b = (torch.as_tensor(np.asarray(t, dtype=np.float64)) for t in (a, b))
+    return float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+def scaled(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``overflowing`` for a state dict (the ControlNet file's published names hold the same substrings)."""
+    out = {}
+    for k, v in state.items():
+        if any(s in k for s in ("feed_forward.w1", "feed_forward.w3")):
+            v = v * 400
+        elif any(s in k for s in ("attention.to_out", "attention.out")):
+            v = v * 100000
+        out[k] = v
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    cfg = DiTConfig.tiny(n_layers=4, n_refiner_layers=2, t_mid_dim=1024, cap_feat_dim=32)
+    return build_tiny_model(tmp_path_factory.mktemp("combo"), seed=5, dit_cfg=cfg)
+
+
+@pytest.fixture(scope="module")
+def files(model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("combo_cn")
+    out = {}
+    for name, variant, seed in (("v1", "tiny-1.0", 41), ("v2", "tiny-2.1", 42)):
+        tiny = make_controlnet(variant, model.dit_config, seed=seed)
+        out[name] = save_controlnet(tiny, d / f"{name}.safetensors")
+        big = copy.copy(tiny)
+        big.state = scaled(tiny.state)
+        out[name + "_big"] = save_controlnet(big, d / f"{name}_big.safetensors")
+    state = load_dit(model.transformer, dtype="fp32").state_dict()
+    dit = ZImageDiT(model.dit_config)
+    dit.load_state_dict(state)
+    out["dit_big"] = save_dit(overflowing(dit).state_dict(), model.dit_config, d / "big.safetensors", "comfyui")
+    rng = np.random.default_rng(0)
+    for name in ("canny", "photo"):
+        out[name] = d / f"{name}.png"
+        Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(out[name])
+    mask = np.zeros((H, W), np.uint8)
+    mask[10:40, 8:40] = 255
+    out["mask"] = d / "mask.png"
+    Image.fromarray(mask).save(out["mask"])
+    return out
+
+
+def pipeline(model, transformer=None, dtype="fp32", quant="none", memory="full"):
+    return ZImagePipeline.load(
+        transformer=transformer or model.transformer,
+        text_encoder=model.text_encoder,
+        vae=model.vae,
+        tokenizer=model.tokenizer,
+        device="cpu",
+        dtype=dtype,
+        memory=memory,
+        quant=quant,
+        text_encoder_quant="none",
+    )
+
+
+def opts(*controls, **kw):
+    base = dict(prompt="a house by a lake", width=W, height=H, steps=3, seed=11, controls=list(controls))
+    base.update(kw)
+    return GenerateOptions(**base)
+
+
+def pixels(img) -> np.ndarray:
+    return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------------------------- float16
+@pytest.mark.parametrize("which", ["v1", "v2"])
+def test_fp16_controlnet_forward_stays_finite_where_plain_fp16_overflows(model, files, which):
+    """The control blocks and the hints of float16 weights that overflow a plain float16 block: finite and close
+    to float32 (hints and the DiT output with them)."""
+    cfg = model.dit_config
+    dit32 = load_dit(files["dit_big"], dtype="fp32")
+    dit16 = load_dit(files["dit_big"], dtype="fp16")
+    net32 = load_controlnet(files[which + "_big"], base=cfg, dtype="fp32")
+    net16 = load_controlnet(files[which + "_big"], base=cfg, dtype="fp16")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, H // 8, W // 8, generator=g)
+    ctx = torch.randn(1, net32.cfg.in_channels, H // 8, W // 8, generator=g)
+    cap = [torch.randn(9, cfg.cap_feat_dim, generator=g)]
+    t = torch.tensor([0.4])
+    with torch.no_grad():
+        want, want_hints = denoise_with_hints(
+            dit32, x, t, dit32.prepare(cap, H // 8, W // 8), [ControlInput(net32, ctx)]
+        )
+        got, got_hints = denoise_with_hints(dit16, x, t, dit16.prepare(cap, H // 8, W // 8), [ControlInput(net16, ctx)])
+        # the same control block run plainly in float16 (stream and matmuls float16) overflows
+        block = net16.control_layers[0]
+        c = torch.randn(1, 32, cfg.dim, generator=g).half()  # 12 image tokens padded to 32
+        rope = dit16.prepare(cap, H // 8, W // 8).img_rope
+        plain = super(type(block), block).forward(c, rope, None, block.modulation(dit16.embed_time(t)))
+    assert not torch.isfinite(plain).all()
+    assert torch.isfinite(got).all()
+    assert cos(got, want) > 0.999
+    assert net16.control_layers[0].attention.qkv.weight.dtype == torch.float16  # the matmuls really ran in float16
+    for k, h in want_hints[0].layers.items():
+        assert torch.isfinite(got_hints[0].layers[k]).all() and cos(got_hints[0].layers[k], h) > 0.999
+    for k, h in want_hints[0].refiner.items():
+        assert torch.isfinite(got_hints[0].refiner[k]).all() and cos(got_hints[0].refiner[k], h) > 0.999
+    assert bool(want_hints[0].refiner) == (which == "v2")
+
+
+@pytest.fixture(scope="module")
+def big_pipes(model, files):
+    return {d: pipeline(model, files["dit_big"], d) for d in ("fp32", "fp16")}
+
+
+@pytest.mark.parametrize("which", ["v1", "v2"])
+def test_fp16_controlnet_image_matches_fp32_on_weights_that_overflow(files, big_pipes, which):
+    spec = ControlSpec(files[which + "_big"], files["canny"], strength=0.8)
+    full = big_pipes["fp32"].generate(opts(spec), progress=False)[0]
+    half = big_pipes["fp16"].generate(opts(spec), progress=False)[0]
+    plain = big_pipes["fp32"].generate(opts(), progress=False)[0]
+    assert cos(pixels(half), pixels(full)) > 0.99
+    assert np.abs(pixels(full) - pixels(plain)).max() > 0.05  # the control changed the image

@@ -149,3 +149,57 @@ def test_fp16_controlnet_image_matches_fp32_on_weights_that_overflow(files, big_
     plain = big_pipes["fp32"].generate(opts(), progress=False)[0]
     assert cos(pixels(half), pixels(full)) > 0.99
     assert np.abs(pixels(full) - pixels(plain)).max() > 0.05  # the control changed the image
+
+
+# ---------------------------------------------------------------------------------------------- quantization
+@pytest.fixture(scope="module")
+def full_image(model, files):
+    spec = ControlSpec(files["v2"], files["canny"], strength=0.8)
+    return pixels(pipeline(model).generate(opts(spec), progress=False)[0])
+
+
+def test_gguf_dit_with_controlnet_is_close_to_full_precision(model, files, full_image, tmp_path):
+    from zimage_core.quant import GGUFLinear
+    from zimage_core.quant.gguf_write import save_gguf
+
+    state = load_dit(model.transformer, dtype="fp32").state_dict()
+    path = save_gguf(state, tmp_path / "z_image_turbo-Q8_0.gguf", "Q8_0")
+    pipe = pipeline(model, path)
+    spec = ControlSpec(files["v2"], files["canny"], strength=0.8)
+    got = pixels(pipe.generate(opts(spec), progress=False)[0])
+    assert isinstance(pipe.dit.layers[0].attention.qkv, GGUFLinear)
+    assert cos(got, full_image) >= 0.99 and not np.array_equal(got, full_image)
+
+
+@pytest.mark.parametrize("quant, bound", [("nf4", 0.95), ("fp8", 0.99)])
+def test_quantized_dit_and_controlnet_are_close_to_full_precision(model, files, full_image, quant, bound):
+    from zimage_core.quant import QuantLinear
+
+    pipe = pipeline(model, quant=quant)
+    spec = ControlSpec(files["v2"], files["canny"], strength=0.8)
+    got = pixels(pipe.generate(opts(spec), progress=False)[0])
+    (net,) = pipe.load_controlnets([spec])
+    assert isinstance(net.control_layers[0].feed_forward.w1, QuantLinear)
+    assert isinstance(net.control_noise_refiner[0].attention.qkv, QuantLinear)
+    assert cos(got, full_image) >= bound and not np.array_equal(got, full_image)
+
+
+@pytest.mark.parametrize("quant, bound", [("nf4", 0.95), ("fp8", 0.99), ("int8", 0.99)])
+def test_quantized_controlnet_hints_close_to_full_precision(model, files, quant, bound):
+    """``load_controlnet(quant=...)`` alone (full-precision DiT): the hints it adds stay close."""
+    cfg = model.dit_config
+    dit = load_dit(model.transformer, dtype="fp32")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, H // 8, W // 8, generator=g)
+    ctx = torch.randn(1, 33, H // 8, W // 8, generator=g)
+    plan = dit.prepare([torch.randn(9, cfg.cap_feat_dim, generator=g)], H // 8, W // 8)
+    t = torch.tensor([0.6])
+    with torch.no_grad():
+        _, (want,) = denoise_with_hints(dit, x, t, plan, [ControlInput(load_controlnet(files["v2"], cfg), ctx)])
+        _, (got,) = denoise_with_hints(
+            dit, x, t, plan, [ControlInput(load_controlnet(files["v2"], cfg, quant=quant), ctx)]
+        )
+    for k in want.layers:
+        assert cos(got.layers[k], want.layers[k]) >= bound
+    for k in want.refiner:
+        assert cos(got.refiner[k], want.refiner[k]) >= bound

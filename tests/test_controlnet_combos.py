@@ -203,3 +203,68 @@ def test_quantized_controlnet_hints_close_to_full_precision(model, files, quant,
         assert cos(got.layers[k], want.layers[k]) >= bound
     for k in want.refiner:
         assert cos(got.refiner[k], want.refiner[k]) >= bound
+
+
+# ---------------------------------------------------------------------------------------------- img2img / inpaint
+@pytest.fixture(scope="module")
+def pipe(model):
+    return pipeline(model)
+
+
+@pytest.mark.parametrize("inpaint", [False, True], ids=["img2img", "inpaint"])
+def test_control_window_counts_the_steps_run_with_init_image(model, files, pipe, inpaint):
+    """denoise 0.5 with 4 steps runs the last 4 steps of an 8-step schedule; a control with start 0.5 must apply
+    at steps 2 and 3 of those 4 (hand-built: a plain model function for steps 0-1, the always-on control for 2-3).
+    Counting the 8-step schedule instead would switch it on for all 4 steps."""
+    from zimage_core.cli import _init_latents
+    from zimage_core.denoiser import Denoiser
+    from zimage_core.sampling import initial_noise, sample
+    from zimage_core.schedules import img2img_sigmas
+
+    o = opts(steps=4, denoise=0.5)
+    init, mask = _init_latents(pipe, o, Image.open(files["photo"]), Image.open(files["mask"]) if inpaint else None)
+    cond = pipe.encode_prompts([o.prompt])
+    spec = ControlSpec(files["v2"], files["canny"], strength=0.9, start=0.5)
+    (windowed,) = pipe.control_inputs([spec], W, H)
+    always = ControlInput(windowed.net, windowed.context, windowed.strength)
+    noise = initial_noise((1, 16, H // 8, W // 8), o.seed)
+    with torch.inference_mode():
+        got = pipe.sample(cond, None, noise, o, init, mask, controls=[windowed])
+        sig = img2img_sigmas(4, o.shift, 0.5).contiguous()
+        plain_fn = Denoiser(pipe.dit, cond, None, (H // 8, W // 8), sigmas=sig)
+        ctl_fn = Denoiser(pipe.dit, cond, None, (H // 8, W // 8), sigmas=sig, controls=[always])
+        steps = []
+
+        def by_hand(x, sigma):
+            i = min(range(4), key=lambda k: abs(float(sig[k]) - float(sigma.reshape(-1)[0])))
+            steps.append(i)
+            return (ctl_fn if i >= 2 else plain_fn)(x, sigma)
+
+        want = sample(by_hand, noise, sig, "euler", init=init, mask=mask)
+        every = sample(ctl_fn, noise, sig, "euler", init=init, mask=mask)
+    assert steps == [0, 1, 2, 3]
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - every).abs().max() > 1e-3  # the window did switch the control off for the first two steps
+    if inpaint:  # the kept region stays the init image's latents
+        keep = mask < 0.5
+        assert torch.allclose(got[keep.expand_as(got)], init.expand_as(got)[keep.expand_as(got)], atol=1e-5)
+
+
+def test_cli_controlnet_with_init_image_and_mask_equals_library(model, files, pipe, tmp_path):
+    """``--init-image --mask --denoise`` with ``--controlnet``: the CLI's image is the library's."""
+    from zimage_core.cli import _init_latents, main
+
+    out = tmp_path / "out.png"
+    m = ["--transformer", str(model.transformer), "--text-encoder", str(model.text_encoder), "--vae", str(model.vae)]
+    rc = main(
+        ["generate", *m, "--tokenizer", str(model.tokenizer), "--prompt", "a house by a lake", "--width", str(W), "--height",
+         str(H), "--steps", "4", "--seed", "11", "--device", "cpu", "--dtype", "fp32", "--out", str(out),
+         "--init-image", str(files["photo"]), "--denoise", "0.5", "--mask", str(files["mask"]),
+         "--controlnet", str(files["v2"]), "--control-image", str(files["canny"]), "--control-strength", "0.9",
+         "--control-start", "0.5"]
+    )  # fmt: skip
+    assert rc == 0
+    o = opts(ControlSpec(files["v2"], files["canny"], strength=0.9, start=0.5), steps=4, denoise=0.5)
+    init, mask = _init_latents(pipe, o, Image.open(files["photo"]), Image.open(files["mask"]))
+    want = pipe.generate(o, progress=False, init_latents=init, mask=mask)[0]
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(want))

@@ -49,6 +49,9 @@ NEEDS_COMFYUI = (
 # transformer_options entries that native NextDiT reads inside its blocks; the engine's forward cannot honour them.
 _BLOCK_PATCHES = ("noise_refiner", "double_block")
 _LOW_RANK = (".lora_down.weight", ".lora_up.weight", ".alpha")
+# transformer_options entry of a bridged MODEL that carries a view's ControlNets (nodes.controlnet.BridgedControls):
+# called as ``controls(dit, x, transformer_options, timesteps)``, it returns the ControlInputs of this call
+CONTROLS = "zimage_controls"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +161,10 @@ class NativeDiT(_Mirror):
         transformer_options=None,
         **unused,
     ):
-        check_transformer_options(transformer_options or {})
+        opts = transformer_options or {}
+        check_transformer_options(opts)
+        carried = opts.get(CONTROLS)
+        controls = carried(self.dit, x, opts, timesteps) if carried is not None else None
         if siglip_feats and not self.dit.cfg.is_omni:
             host.warn_once(
                 "bridge-siglip",
@@ -166,7 +172,16 @@ class NativeDiT(_Mirror):
                 "features are ignored.",
             )
         return native_forward(
-            self.dit, x, timesteps, context, num_tokens, attention_mask, ref_latents, ref_contexts, siglip_feats
+            self.dit,
+            x,
+            timesteps,
+            context,
+            num_tokens,
+            attention_mask,
+            ref_latents,
+            ref_contexts,
+            siglip_feats,
+            controls,
         )
 
 
@@ -456,9 +471,10 @@ def register(slot, load_device: torch.device, offload_device: torch.device) -> B
     return bridge
 
 
-def core_model(view):
+def core_model(view, controls=None):
     """A core ``MODEL`` for a :class:`~.handles.ZImageModel` view: a clone of its slot's base patcher carrying the
-    view's LoRAs (ComfyUI weight patches, or the engine's for a quantized DiT)."""
+    view's LoRAs (ComfyUI weight patches, or the engine's for a quantized DiT) and ``controls`` (the view's
+    ControlNets, a :class:`~.controlnet.BridgedControls`) in its transformer options."""
     bridge = getattr(view.slot, "bridge", None)
     if bridge is None:
         raise ZImageError(NEEDS_COMFYUI)
@@ -469,4 +485,6 @@ def core_model(view):
         clone.engine_loras = ()
         for spec in view.loras:
             add_lora_patches(clone, spec)
+    if controls is not None:
+        clone.model_options.setdefault("transformer_options", {})[CONTROLS] = controls
     return clone

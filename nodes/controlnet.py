@@ -21,7 +21,9 @@ import torch
 from ..zimage_core.controlnet import ControlNet, load_controlnet
 from ..zimage_core.controlnet_layouts import ControlNetCheckpoint
 from ..zimage_core.controls import ControlSpec, build_control_inputs
+from ..zimage_core.denoiser import SigmaLookup
 from ..zimage_core.errors import ZImageError
+from ..zimage_core.native import controls_for_call
 from ..zimage_core.vae import to_model_space
 from . import host, paths
 from .handles import ZImageModel
@@ -152,6 +154,39 @@ def control_inputs(model: ZImageModel, dit, width: int, height: int) -> list:
 
         out += build_control_inputs([spec], [net], encode, width, height)
     return out
+
+
+class BridgedControls:
+    """A view's ControlNets riding on its bridged core ``MODEL`` (``transformer_options[bridge.CONTROLS]``; the
+    bridged forward calls it). Per call it returns the engine's ControlInputs active at that call: the step is the
+    call's sigma in the schedule ComfyUI's sampler was given (``sample_sigmas``), by the rule of the engine's
+    sampler, so start/end mean the same in core KSampler / SamplerCustomAdvanced as in Z-Image Sampler. The control
+    images are encoded (and the ControlNets loaded through ComfyUI) at the first call for a latent size, like the
+    Z-Image sampler does per run; both CFG branches get the hints."""
+
+    def __init__(self, view: ZImageModel):
+        self.view = view
+        self._inputs: tuple | None = None  # (key, [ControlInput])
+        self._schedule: tuple | None = None  # (sample_sigmas tensor, SigmaLookup)
+
+    def __deepcopy__(self, memo):  # ComfyUI deep-copies model_options with every clone: share, never copy weights
+        return self
+
+    def __call__(self, dit, x: torch.Tensor, transformer_options: dict, timesteps: torch.Tensor):
+        h, w = x.shape[-2:]
+        nets = [app.file.load(self.view)[0] for app in self.view.controls]
+        key = (h, w, dit.device, tuple(id(n) for n in nets))
+        if self._inputs is None or self._inputs[0] != key or any(n.device != dit.device for n in nets):
+            with host.loads_restored():
+                self._inputs = (key, control_inputs(self.view, dit, w * 8, h * 8))
+        sample = transformer_options.get("sample_sigmas")
+        schedule = None
+        if torch.is_tensor(sample):
+            if self._schedule is None or self._schedule[0] is not sample:
+                self._schedule = (sample, SigmaLookup(sample))
+            schedule = self._schedule[1]
+        sigma = transformer_options.get("sigmas")
+        return controls_for_call(self._inputs[1], schedule, sigma if torch.is_tensor(sigma) else timesteps)
 
 
 class ZImageControlNetLoader:

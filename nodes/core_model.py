@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..zimage_core.errors import ZImageError
 from . import bridge
+from .controlnet import BridgedControls
 from .handles import ZImageModel
 
 
@@ -13,7 +14,8 @@ class ZImageToCoreModel:
         "ComfyUI makes for Z-Image, so core KSampler, SamplerCustomAdvanced, BasicScheduler, ModelSamplingAuraFlow, "
         "core LoRA loaders and other packs' model-level patches work on it. It samples exactly what Z-Image Sampler "
         "computes (the same forward), without a copy of the weights. Condition it with Z-Image Text Encode or "
-        "Z-Image Edit Conditioning."
+        "Z-Image Edit Conditioning. ControlNets added by Z-Image ControlNet Apply come along (start/end count the core "
+        "sampler's steps, as in Z-Image Sampler)."
     )
     CATEGORY = "Z-Image/loaders"
     FUNCTION = "convert"
@@ -44,10 +46,4 @@ class ZImageToCoreModel:
                 f"the model input is {type(model).__name__}, not a Z-Image model; connect Z-Image Model Loader "
                 "(or Z-Image LoRA Loader) to it."
             )
-        if model.controls:
-            raise ZImageError(
-                f"this Z-Image model has {len(model.controls)} ControlNet(s) applied (Z-Image ControlNet Apply); they "
-                "run in Z-Image Sampler only, a core MODEL cannot carry them. Connect this model to Z-Image Sampler, "
-                "or take the model for Z-Image Model -> MODEL from before the ControlNet Apply node."
-            )
-        return (bridge.core_model(model),)
+        return (bridge.core_model(model, BridgedControls(model) if model.controls else None),)

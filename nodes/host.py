@@ -9,9 +9,10 @@ is imported at module load, so ``import nodes`` never needs ComfyUI; every call 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -170,6 +171,18 @@ def load(
     else:
         move(device)
     return next(module.parameters()).device
+
+
+@contextlib.contextmanager
+def loads_restored() -> Iterator[None]:
+    """Around a load nested in a sampling run (a VAE encode from inside the model's forward): the models ComfyUI
+    had loaded for the run are loaded again afterwards, in case the nested load evicted them (as native ComfyUI's
+    model patches do). Nothing outside ComfyUI."""
+    mm = comfy_module("comfy.model_management")
+    before = mm.loaded_models(only_currently_used=True) if mm is not None and hasattr(mm, "loaded_models") else []
+    yield
+    if before:
+        mm.load_models_gpu(before)
 
 
 def vram_budget(device: torch.device) -> int | None:

@@ -1,6 +1,6 @@
 """ControlNet nodes with the pack's ComfyUI test doubles: the loader lists models/controlnet and models/model_patches,
-Apply composes with the LoRA loader, and the sampler's image equals the library's ControlNet image; the core MODEL
-converter refuses a model with ControlNets in one message."""
+Apply composes with the LoRA loader, and the sampler's image equals the library's ControlNet image; the bridged core
+MODEL's forward applies the ControlNets as our sampler does (step from ComfyUI's sample_sigmas, both CFG branches)."""
 
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def test_apply_composes_with_lora_loader_and_checks_inputs(env, tmp_path):
     with pytest.raises(ZImageError, match="both inpaint_image and mask"):
         apply.apply(model, v1, vae, img, 0.8, 0.0, 1.0, img)
     assert apply.apply(model, v1, vae, img, 0.0, 0.0, 1.0)[0] is model  # strength 0: nothing to add
-    with pytest.raises(ZImageError, match="ControlNet.*Z-Image Sampler only"):
+    with pytest.raises(ZImageError, match="needs ComfyUI with native Z-Image"):  # no ComfyUI here; with it: bridged
         core_model.ZImageToCoreModel().convert(m)
 
 
@@ -165,3 +165,99 @@ def test_streamed_model_streams_the_controlnet_blocks_and_samples_the_same(env, 
     # the weights gives the streamed result exactly); the images are the same (tests/test_controlnet_pipeline.py).
     err = (latents[1] - latents[0]).abs().max() / latents[0].abs().max()
     assert err < 1e-5, err
+
+
+# ---------------------------------------------------------------------------------------------- core MODEL bridge
+def _bridged(env, start=0.25, end=0.75):
+    from zimage_pack.nodes import bridge
+
+    model = loaders.ZImageModelLoader().load("z_image_turbo_bf16.safetensors", weight_dtype="fp32")[0]
+    vae = C.VAELoader().load_vae("ae.safetensors")[0]
+    v2 = cn_nodes.ZImageControlNetLoader().load("union-2.1.safetensors")[0]
+    m = cn_nodes.ZImageControlNetApply().apply(model, v2, vae, image(env, "canny.png"), 0.8, start, end)[0]
+    dit = m.prepare()
+    return m, dit, bridge.NativeDiT(dit), bridge.CONTROLS
+
+
+def test_bridged_forward_applies_controls_as_our_model_function(env):
+    """At every step of a 4-step schedule, the bridged forward (step from ComfyUI's sample_sigmas and the call's
+    sigmas, a fresh tensor as k-diffusion passes it) equals our sampler's model function; both CFG branches of a
+    batched call get the hints (our Denoiser's branches)."""
+    from zimage_core.denoiser import Denoiser
+    from zimage_core.schedules import flow_sigmas
+
+    m, dit, adapter, key = _bridged(env)
+    te = loaders.ZImageTextEncoderLoader().load("qwen_3_4b.safetensors", weight_dtype="fp32")[0]
+    pos, neg = encode(te, "a house")[0][0], encode(te, "blurry")[0][0]
+    cap, ncap = pos[0], neg[0]
+    carrier = cn_nodes.BridgedControls(m)
+    sig = flow_sigmas(4, 3.0)
+    hw = (H // 8, W // 8)
+    ours = Denoiser(dit, [cap], None, hw, sigmas=sig, controls=cn_nodes.control_inputs(m, dit, W, H))
+    pair = Denoiser(dit, [cap], [ncap], hw, cfg=3.0, sigmas=sig, controls=cn_nodes.control_inputs(m, dit, W, H))
+    plain = Denoiser(dit, [cap], None, hw, sigmas=sig)
+    g = torch.Generator().manual_seed(2)
+    n = max(cap.shape[0], ncap.shape[0])
+    ctx = torch.zeros(2, n, cap.shape[1])
+    ctx[0, : cap.shape[0]], ctx[1, : ncap.shape[0]] = cap, ncap
+    amask = torch.zeros(2, n, dtype=torch.long)
+    amask[0, : cap.shape[0]], amask[1, : ncap.shape[0]] = 1, 1
+    active = []
+    with torch.inference_mode():
+        for i in range(4):
+            x = torch.randn(1, 16, *hw, generator=g)
+            sigma = sig[i] * torch.ones(1)
+            opts = {"sample_sigmas": sig, "sigmas": sigma, key: carrier}
+            got = adapter(x, sigma, context=pos, num_tokens=cap.shape[0], transformer_options=opts)
+            want = ours(x, sig[i].expand(1))
+            assert same(got.float(), want)
+            active.append(not torch.equal(want, plain(x, sig[i].expand(1))))
+            both = adapter(
+                torch.cat([x, x]),
+                sigma.expand(2),
+                context=ctx,
+                attention_mask=amask,
+                transformer_options={**opts, "sigmas": sigma.expand(2)},
+            )
+            p, q = pair.branches(x, sig[i].expand(1))
+            assert same(both[:1].float(), p) and same(both[1:].float(), q)
+    assert active == [False, True, True, False]  # start 0.25 / end 0.75 of 4 steps: steps 1 and 2
+
+
+def test_bridged_forward_without_sample_sigmas(env):
+    m, dit, adapter, key = _bridged(env)
+    x, ctx = torch.zeros(1, 16, H // 8, W // 8), torch.randn(1, 5, 32)
+    with pytest.raises(ZImageError, match="start/end window needs the sampler's sigmas"):
+        adapter(x, torch.ones(1), context=ctx, transformer_options={key: cn_nodes.BridgedControls(m)})
+    m, dit, adapter, key = _bridged(env, 0.0, 1.0)  # no window: applies at every call
+    out = adapter(x, torch.ones(1), context=ctx, transformer_options={key: cn_nodes.BridgedControls(m)})
+    assert not torch.equal(out, adapter(x, torch.ones(1), context=ctx, transformer_options={}))
+
+
+def test_bridged_sampling_draws_our_samplers_image(env):
+    """Euler through the bridged forward from ComfyUI's noise (as tests/test_bridge.py) = Z-Image Sampler's image
+    with the same ControlNet view."""
+    from zimage_core.sampling import initial_noise, sample
+    from zimage_core.schedules import flow_sigmas
+    from zimage_core.vae import to_raw_space
+
+    m, dit, adapter, key = _bridged(env)
+    te = loaders.ZImageTextEncoderLoader().load("qwen_3_4b.safetensors", weight_dtype="fp32")[0]
+    cond = encode(te, "a house")
+    ctx = cond[0][0]
+    carrier = cn_nodes.BridgedControls(m)
+    sig = flow_sigmas(4, 3.0)
+
+    def model_fn(x, sigma):
+        opts = {"sample_sigmas": sig, "sigmas": sigma.clone(), key: carrier}
+        return adapter(x, sigma, context=ctx, num_tokens=ctx.shape[1], transformer_options=opts).float()
+
+    with torch.inference_mode():
+        got = to_raw_space(sample(model_fn, initial_noise((1, 16, H // 8, W // 8), 9), sig, "euler"))
+    want = sampler.ZImageTurboSampler().sample(m, cond, empty_latent(W, H), 9, 4, 1.0, 3.0, "euler", 1.0)[0]
+    assert same(got, want["samples"])
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to rounding (oneDNN's CPU kernels may sum in another order from call to call)."""
+    return bool((a - b).abs().max() <= 1e-5 * max(1.0, float(b.abs().max())))

@@ -45,6 +45,7 @@ returns the hints too (tests, debugging).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -60,7 +61,7 @@ from .controlnet_layouts import ControlNetCheckpoint, to_native_key
 from .dit import patchify
 from .dtypes import resolve_dtype
 from .errors import ZImageError
-from .layers import Modulation, Rope, TransformerBlock
+from .layers import Modulation, Rope, TransformerBlock, stream_dtype, stream_linear
 from .quant import comfy
 from .quant import load as qload
 from .quant.linear import share_workspace
@@ -77,6 +78,7 @@ __all__ = [
     "ControlInput",
     "ControlNet",
     "active_controls",
+    "controls_at_index",
     "denoise_with_hints",
     "load_controlnet",
 ]
@@ -97,9 +99,9 @@ class ControlBlock(TransformerBlock):
     def forward(self, c, x, rope: Rope, mask, mod: Modulation, hint: bool = True):  # type: ignore[override]
         """``hint=False``: skip ``after_proj`` where the hint is not used (returns ``(None, c)``)."""
         if x is not None:
-            c = self.before_proj(c) + x.to(c.dtype)
+            c = stream_linear(self.before_proj, c) + x.to(c.dtype)
         c = super().forward(c, rope, mask, mod)
-        return (self.after_proj(c) if hint else None), c
+        return (stream_linear(self.after_proj, c) if hint else None), c
 
 
 class ControlNet(nn.Module):
@@ -191,6 +193,7 @@ class ControlInput:
     start: float = 0.0
     end: float = 1.0
     _cache: dict = field(default_factory=dict, init=False, repr=False)
+    _batched: dict = field(default_factory=dict, init=False, repr=False)
     _checked: object = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -211,6 +214,16 @@ class ControlInput:
         at = step / n_steps
         return self.start <= at and (at < self.end or self.end >= 1.0)
 
+    def for_batch(self, batch: int) -> ControlInput:
+        """This control for ``batch`` latents: itself when its latents are one or ``batch`` rows, else its rows
+        repeated (a host's batched CFG call holds every conditioning's copy of the latents, one after the other)."""
+        b = self.context.shape[0]
+        if b in (1, batch) or batch % b:
+            return self
+        if batch not in self._batched:
+            self._batched[batch] = dataclasses.replace(self, context=self.context.repeat(batch // b, 1, 1, 1))
+        return self._batched[batch]
+
     def tokens(self, dit, n_img_pad: int) -> torch.Tensor:
         """Embedded control tokens ``[1 or B, n_img_pad, dim]`` (constant over the steps, so cached)."""
         net = self.net
@@ -218,7 +231,9 @@ class ControlInput:
         if key in self._cache:
             return self._cache[key]
         ctx = self.context.to(device=net.device, dtype=net.dtype)
-        c = net.control_x_embedder(patchify(ctx, net.cfg.patch_size))
+        # the control stream is float32 for float16 weights, as the DiT's: the blocks then run with the DiT's
+        # float16 overflow guards (zimage_core.layers)
+        c = net.control_x_embedder(patchify(ctx, net.cfg.patch_size)).to(stream_dtype(net.dtype))
         n = c.shape[1]
         if n_img_pad > n:
             pad = dit.x_pad_token.to(device=c.device, dtype=c.dtype)
@@ -304,6 +319,15 @@ class _ControlRun:
 def active_controls(controls: Sequence[ControlInput], step: int, n_steps: int) -> list[ControlInput]:
     """The controls that apply at step ``step`` of ``n_steps`` (pass the list, or None when empty, to denoise)."""
     return [c for c in controls if c.active(step, n_steps)]
+
+
+def controls_at_index(controls: Sequence[ControlInput], index: int, n_sigmas: int) -> list[ControlInput] | None:
+    """The controls that apply when the model is called at entry ``index`` of the sampler's schedule of
+    ``n_sigmas`` sigmas (``n_sigmas - 1`` steps; the final sigma counts as the last step); None when none does.
+    The one rule for every sampler that calls the model: ours (:class:`~zimage_core.denoiser.GuidedDenoiser`) and a
+    host's (:func:`~zimage_core.native.native_forward`'s caller, from ComfyUI's ``sample_sigmas``)."""
+    n = n_sigmas - 1
+    return active_controls(controls, min(index, max(n - 1, 0)), n) or None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .controlnet import ControlInput, active_controls
+from .controlnet import ControlInput, controls_at_index
 from .dit import PreparedCaptions, ZImageDiT
 from .sampling import cfg_active, cfg_combine
 from .schedules import model_t
@@ -124,9 +124,7 @@ class GuidedDenoiser:
             return None
         if not isinstance(self.sigma_value, SigmaLookup):
             raise ValueError("a model function with controls needs the sampler's sigmas (to know the step)")
-        n = len(self.sigma_value.values) - 1
-        step = min(self.sigma_value.index(sigma), max(n - 1, 0))
-        return active_controls(self.controls, step, n) or None
+        return controls_at_index(self.controls, self.sigma_value.index(sigma), len(self.sigma_value.values))
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         self.active = self.controls_at(sigma)

@@ -23,7 +23,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import DiTConfig
-from .layers import FinalLayer, RMSNorm, Rope, TimestepEmbedder, TransformerBlock, make_rope, select_per_token
+from .layers import (
+    FinalLayer,
+    RMSNorm,
+    Rope,
+    TimestepEmbedder,
+    TransformerBlock,
+    make_rope,
+    select_per_token,
+    stream_dtype,
+)
 
 
 def _pad_len(n: int, multiple: int) -> int:
@@ -134,7 +143,7 @@ class ZImageDiT(nn.Module):
     def residual_dtype(self) -> torch.dtype:
         """The dtype of the token stream between blocks: float32 for float16 weights (it can exceed float16's
         range on some checkpoints; the blocks keep every matmul in float16, see :mod:`zimage_core.layers`)."""
-        return torch.float32 if self.dtype == torch.float16 else self.dtype
+        return stream_dtype(self.dtype)
 
     def _run(self, block: TransformerBlock, x, rope, mask, mod=None):
         if self.gradient_checkpointing and torch.is_grad_enabled():

@@ -217,6 +217,27 @@ def _pow2_scale(x: torch.Tensor, *linears: nn.Module) -> torch.Tensor:
     return torch.exp2(torch.ceil(torch.log2(need.clamp_min(1.0))))
 
 
+def stream_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a model's token stream between blocks: float32 for float16 weights (it can exceed float16's
+    range on some checkpoints; the blocks keep every matmul in float16), else the weights' dtype."""
+    return torch.float32 if weight_dtype == torch.float16 else weight_dtype
+
+
+def stream_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` for a token stream ``x``: a float32 stream of a float16 model (see ``residual_dtype``) goes
+    through the float16 matmul divided per token by a power of two so it cannot overflow, and comes back float32
+    (bias added in float32); any other stream is the plain call. For projections whose output is not normalised
+    (the ControlNet's ``before_proj``/``after_proj``), so the scale has to be undone exactly (powers of two are)."""
+    w = getattr(linear, "weight", None)
+    if x.dtype != torch.float32 or not isinstance(w, torch.Tensor) or w.dtype != torch.float16:
+        return linear(x)
+    if not isinstance(linear, nn.Linear):  # quantized / wrapped linears: float16 in, float32 out
+        return linear(x.half()).float()
+    s = _pow2_scale(x, linear)
+    y = F.linear((x / s).half(), w).float() * s
+    return y if linear.bias is None else y + linear.bias.float()
+
+
 def _rms32(y: torch.Tensor, norm: RMSNorm, scale: torch.Tensor | None = None) -> torch.Tensor:
     """``norm(y * scale)`` in float32 for ``y`` that is the true value divided by ``scale`` (per token)."""
     eps = norm.eps if scale is None else norm.eps / scale.square()

@@ -17,6 +17,10 @@ A host that samples with ComfyUI's flow conventions (``model_sampling.timestep(s
   ``siglip_feats`` (up to N SigLIP2 grids ``[B or 1, h, w, C]``, used by Omni models only) run
   :meth:`~zimage_core.dit.ZImageDiT.forward_omni`, as :class:`~zimage_core.edit.OmniDenoiser` does.
 
+- ControlNets: ``controls`` (:class:`~zimage_core.controlnet.ControlInput`, those active at this call; pick them
+  with :func:`controls_for_call` from the host's schedule) add their hints to every latent of the call (a batched
+  CFG call gets them in both branches, as the engine's sampler gives them).
+
 Everything is computed by :class:`~zimage_core.dit.ZImageDiT` (diffusers-exact), not by ComfyUI's ``NextDiT``.
 """
 
@@ -25,12 +29,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .controlnet import ControlInput, controls_at_index
+from .denoiser import SigmaLookup
 from .dit import ZImageDiT
 from .edit import OmniCondition
 from .errors import ZImageError
 from .schedules import model_t
 
-__all__ = ["native_captions", "native_forward"]
+__all__ = ["controls_for_call", "native_captions", "native_forward"]
 
 
 def _row(t: torch.Tensor, i: int, batch: int, what: str) -> torch.Tensor:
@@ -110,6 +116,7 @@ def native_forward(
     ref_latents: list[torch.Tensor] | None = None,
     ref_contexts: list[torch.Tensor] | None = None,
     siglip_feats: list[torch.Tensor] | None = None,
+    controls: list[ControlInput] | None = None,
 ) -> torch.Tensor:
     """``-raw`` (the velocity) for latents ``x`` ``[B, C, H, W]`` at sigma ``timesteps``; see the module doc."""
     b, _, h, w = x.shape
@@ -120,7 +127,12 @@ def native_forward(
     if t.numel() == 1:
         t = t.expand(b)
     caps = native_captions(context, b, dit.cfg.cap_feat_dim, num_tokens, attention_mask)
-    if ref_latents:
+    if ref_latents and controls:
+        raise ZImageError("ControlNets do not combine with reference images (edit conditioning); use one or the other.")
+    if controls:
+        plan = dit.prepare(caps, x.shape[-2], x.shape[-1])
+        out = dit.denoise(x, t, plan, control=[c.for_batch(b) for c in controls])
+    elif ref_latents:
         conds = _omni_conditions(dit, caps, b, ref_latents, ref_contexts, siglip_feats)
         images = [list(c.references) + [x[i]] for i, c in enumerate(conds)]
         sig = [c.siglip_list(dit) for c in conds] if dit.cfg.is_omni else None
@@ -128,3 +140,21 @@ def native_forward(
     else:
         out = dit.forward(x, t, caps)
     return -out[:, :, :h, :w]
+
+
+def controls_for_call(
+    controls: list[ControlInput], schedule: SigmaLookup | None, sigma: torch.Tensor | None
+) -> list[ControlInput] | None:
+    """The controls a host's model call at ``sigma`` runs, by the engine's rule (:func:`~zimage_core.controlnet.
+    controls_at_index`): the step is ``sigma``'s entry in the schedule the host's sampler was given (``schedule``,
+    a :class:`~zimage_core.denoiser.SigmaLookup` of ComfyUI's ``sample_sigmas``). Without a schedule only controls
+    that span every step can apply; a window then needs one, and that is one error."""
+    if schedule is None or sigma is None:
+        if any(c.start > 0.0 or c.end < 1.0 for c in controls):
+            raise ZImageError(
+                "a ControlNet with a start/end window needs the sampler's sigmas to know the step, and this call "
+                "came without them (ComfyUI's transformer_options['sample_sigmas']); set start 0 and end 1, or "
+                "sample with a ComfyUI sampler node."
+            )
+        return [c for c in controls if c.strength != 0] or None
+    return controls_at_index(controls, schedule.index(sigma), len(schedule.values))

@@ -66,3 +66,40 @@ def test_controlnet_workflow_image_equals_the_cli(server):
     s["seed"] = int(s["seed"]) + 1
     assert server.run(prompt)["status"]["status_str"] == "success"
     assert "could not register" not in server.log.read_text()
+
+
+def test_bridged_controlnet_model_samples_our_samplers_image(server):
+    """Z-Image ControlNet Apply -> Z-Image Model -> MODEL -> core SamplerCustomAdvanced (euler, the flow sigmas;
+    BasicGuider and CFGGuider 3) draws Z-Image Sampler's latents for the same view, a start/end window included."""
+    import torch
+
+    from tests.comfyui.test_core_model import STEPS, TEXT, Graph, close, custom, loader, manual_sigmas, our_sampler
+    from tests.comfyui.test_core_model import text_encode as encode
+    from tests.factories.comfy import CONTROLNET_NAME
+    from zimage_core.schedules import flow_sigmas
+
+    g = Graph()
+    model = loader(g)
+    vae = g("VAELoader", vae_name="ae.safetensors")
+    cn = g("ZImageControlNetLoader", controlnet_name=CONTROLNET_NAME, quant="none")
+    img = g("LoadImage", image="example.png")
+    apply = dict(controlnet=[cn, 0], vae=[vae, 0], image=[img, 0], strength=0.8)
+    windowed = g("ZImageControlNetApply", model=[model, 0], **apply, start_percent=0.25, end_percent=0.75)
+    pos, neg = encode(g, TEXT), encode(g, "blurry, low quality")
+    latent = g("EmptySD3LatentImage", width=W, height=H, batch_size=1)
+    core = g("ZImageToCoreModel", model=[windowed, 0])
+    flow = manual_sigmas(g, flow_sigmas(STEPS, 3.0))
+    g.save("plain", our_sampler(g, model, pos, latent))
+    g.save("ours", our_sampler(g, windowed, pos, latent))
+    g.save("custom", custom(g, g("BasicGuider", model=[core, 0], conditioning=[pos, 0]), flow, latent))
+    g.save("ours_cfg", our_sampler(g, windowed, pos, latent, cfg=3.0, negative=neg))
+    guider = g("CFGGuider", model=[core, 0], positive=[pos, 0], negative=[neg, 0], cfg=3.0)
+    g.save("custom_cfg", custom(g, guider, flow, latent))
+    out = g.latents(server, g.run(server))
+    assert (out["ours"] - out["plain"]).abs().max() > 1e-2  # the ControlNet did something
+    report = {
+        "ControlNet, SamplerCustomAdvanced vs Z-Image Sampler": close(out["custom"], out["ours"]),
+        "ControlNet, CFGGuider 3 vs Z-Image Sampler cfg 3": close(out["custom_cfg"], out["ours_cfg"]),
+    }
+    print(report)
+    assert torch.isfinite(out["custom_cfg"]).all()

@@ -264,11 +264,42 @@ def generate(dit, te, vae, captions, seeds, steps: int, cfg: float, shift: float
 # ---------------------------------------------------------------------------------------------
 # Distillation runs (each in a child process)
 # ---------------------------------------------------------------------------------------------
+def parse_run(text: str) -> tuple[str, int, dict]:
+    """``method:steps[+key=value...]`` -> (method, steps, overrides); ``max_steps`` and ``lr`` are the run's and
+    the student's, other keys are ``[distill]`` keys (values read as JSON where they parse, e.g. ``dmd2:4+gan_weight=0.005+max_steps=600``)."""
+    head, *pairs = text.split("+")
+    method, steps = head.split(":")
+    extra = {}
+    for pair in pairs:
+        key, value = pair.split("=", 1)
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key] = value
+    return method, int(steps), extra
+
+
+def run_label(method: str, steps: int, extra: dict) -> str:
+    tail = f" [{', '.join(f'{k}={v}' for k, v in extra.items())}]" if extra else ""
+    return f"student {method}, {steps} steps, cfg 1{tail}"
+
+
 def distill_config(
-    work: Path, data: Path, teacher: Path, method: str, steps: int, max_steps: int, seed: int, shift: float, hp: dict
+    work: Path,
+    data: Path,
+    teacher: Path,
+    method: str,
+    steps: int,
+    max_steps: int,
+    seed: int,
+    shift: float,
+    hp: dict,
+    extra: dict | None = None,
 ) -> dict:
-    name = f"{method}_{steps}"
-    return {
+    extra = dict(extra or {})
+    max_steps = extra.pop("max_steps", max_steps)
+    name = f"{method}_{steps}" + "".join(f"_{k}{v}" for k, v in extra.items())
+    cfg = {
         "name": name,
         "output_dir": str(work / name),
         "seed": seed,
@@ -306,6 +337,10 @@ def distill_config(
         "samples": {"every": 0},
         "export": {"dtype": "fp32"},
     }
+    if "lr" in extra:
+        cfg["optim"]["lr"] = extra.pop("lr")
+    cfg["distill"].update(extra)
+    return cfg
 
 
 def train_in_child(spec_path: str, trainer_cls) -> tuple[object, dict, list[dict]]:
@@ -394,7 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fake-lr", type=float, default=1e-3, help="the fake-score LoRA's learning rate")
     ap.add_argument("--ttur", type=int, default=3, help="fake-score updates per generator update")
     ap.add_argument("--jobs", type=int, default=1, help="distillation runs at a time (each in its own process)")
-    ap.add_argument("--runs", default="decoupled_dmd:4,dmd2:4,ca_only:4,decoupled_dmd:8,dmd2:8")
+    ap.add_argument(
+        "--runs",
+        default="decoupled_dmd:4,dmd2:4,ca_only:4,decoupled_dmd:8,dmd2:8",
+        help="METHOD:STEPS[+KEY=VALUE...], comma-separated (KEY: max_steps, lr or a [distill] key)",
+    )
     ap.add_argument("--json", default=str(ROOT / "bench" / "distill_results.json"))
     ap.add_argument("--work", help="keep the work folder here; a teacher.safetensors already in it is reused")
     ap.add_argument("--grids", help="write one PNG grid of the generated images per setting into this folder")
@@ -492,16 +531,25 @@ def main(argv: list[str] | None = None) -> int:
         runs = {}
         hp = {"lr": args.lr, "fake_lr": args.fake_lr, "ttur": args.ttur}
         report["hyperparameters"] = hp
-        items = [(m, int(n)) for m, n in (x.split(":") for x in filter(None, args.runs.split(",")))]
+        items = [parse_run(x) for x in filter(None, args.runs.split(","))]
         specs = {
-            (method, steps): {
+            run: {
                 "config": distill_config(
-                    work, data, teacher_file, method, steps, args.distill_steps, args.seed, shift, hp
+                    work,
+                    data,
+                    teacher_file,
+                    run[0],
+                    run[1],
+                    args.distill_steps,
+                    args.seed,
+                    shift,
+                    hp,
+                    json.loads(run[2]),
                 ),
                 "vae": str(work / VAE_FILE),
                 "threads": args.threads,
             }
-            for method, steps in items
+            for run in ((m, n, json.dumps(e)) for m, n, e in items)
         }
         print(
             f"distilling {items}, {args.distill_steps} generator updates each, {args.jobs} at a time (load {uptime()})"
@@ -510,12 +558,12 @@ def main(argv: list[str] | None = None) -> int:
 
         with ThreadPoolExecutor(args.jobs) as pool:
             infos = dict(zip(specs, pool.map(lambda sp: run_child(sp, work), specs.values())))
-        for (method, steps), info in infos.items():
+        for (method, steps, extra), info in infos.items():
             info["load_after"] = uptime()
-            runs[f"{method}:{steps}"] = info
+            runs[f"{method}:{steps}{extra if extra != '{}' else ''}"] = info
             student = load_student(info["student"])
             imgs, labs = generate(student, te, vae, captions, seeds, steps, 1.0, shift)
-            name = f"student {method}, {steps} steps, cfg 1"
+            name = run_label(method, steps, json.loads(extra))
             rows[name] = judge.report(imgs, labs, ref_feats)
             save_grid(args.grids, name, imgs, len(captions))
             rows[name]["sec_per_step"] = round(info["sec_per_step"], 3)
@@ -526,10 +574,9 @@ def main(argv: list[str] | None = None) -> int:
     ref = rows["teacher 30 steps, cfg 3"]
     four = rows["teacher 4 steps, cfg 3"]
     goals = {}
-    for method in ("decoupled_dmd", "dmd2"):
-        r = rows.get(f"student {method}, 4 steps, cfg 1")
-        if r is not None:
-            goals[method] = {
+    for name, r in rows.items():
+        if name.startswith("student ") and ", 4 steps, cfg 1" in name:
+            goals[name[len("student ") :]] = {
                 "within_5_points": r["accuracy"] >= ref["accuracy"] - 0.05,
                 "closer_than_teacher_4_steps_cfg": r["frechet"] < four["frechet"],
             }

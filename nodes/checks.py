@@ -107,7 +107,7 @@ def same_batch(*named: tuple[str, int]) -> None:
 
 def vae(what: str, value) -> None:
     """A core VAE (something with ``encode``; core's class is ComfyUI's, so it is checked by what it can do)."""
-    if value is None or not callable(getattr(value, "encode", None)):
+    if value is None or isinstance(value, (str, bytes)) or not callable(getattr(value, "encode", None)):
         raise ZImageError(
             f"{what} is {type(value).__name__}, not a VAE; connect Load VAE with ae.safetensors (the Flux VAE) to it."
         )

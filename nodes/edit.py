@@ -124,7 +124,7 @@ class ZImageVisionLoader:
             }
         }
 
-    @node_errors("Z-Image Vision Loader")
+    @node_errors("Z-Image Vision Loader (SigLIP2)")
     def load(self, vision_name, weight_dtype="auto"):
         path = resolve_vision(vision_name)
         load_device, offload_device = host.text_encoder_devices()

@@ -14,13 +14,15 @@ import logging
 import torch
 
 from ..zimage_core.errors import ZImageError
-from . import host
+from . import checks, host
+from .checks import node_errors
 from .handles import ZImageTextEncoderHandle
 
 log = logging.getLogger(__name__)
 
 CATEGORY = "Z-Image/conditioning"
 DEFAULT_MAX_LENGTH = 512  # diffusers' and the CLI's limit (template included); 0 = no limit, as native ComfyUI
+MAX_LENGTH = {"min": 0, "max": 32768}  # the widget's range, checked again in the node
 
 
 class ZImageTextEncode:
@@ -54,8 +56,7 @@ class ZImageTextEncode:
                     "INT",
                     {
                         "default": DEFAULT_MAX_LENGTH,
-                        "min": 0,
-                        "max": 32768,
+                        **MAX_LENGTH,
                         "step": 1,
                         "tooltip": "Token limit including the chat template (512 as in the reference "
                         "pipeline and the zimage CLI); 0 = no limit, as native ComfyUI.",
@@ -65,16 +66,15 @@ class ZImageTextEncode:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
+    @node_errors("Z-Image Text Encode")
     def encode(self, text_encoder, text, max_length=DEFAULT_MAX_LENGTH, unique_id=None):
         if not isinstance(text_encoder, ZImageTextEncoderHandle):
             raise ZImageError(
                 f"the text_encoder input is {type(text_encoder).__name__}, not a Z-Image text encoder; "
                 "connect Z-Image Text Encoder Loader to it."
             )
-        if not isinstance(text, str):
-            raise ZImageError(f"text must be a string, got {type(text).__name__}.")
-        if not isinstance(max_length, int) or max_length < 0:
-            raise ZImageError(f"max_length must be 0 (no limit) or a positive number of tokens, got {max_length!r}.")
+        text = checks.text("text", text)
+        max_length = checks.whole("max_length (0 = no limit)", max_length, MAX_LENGTH)
         result = text_encoder.encode([text], max_length=max_length or None)
         emb = result.embeddings[0]
         cond = emb.to(device=host_intermediate_device(), dtype=torch.float32).unsqueeze(0)

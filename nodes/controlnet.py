@@ -12,20 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..zimage_core.controlnet import ControlNet, load_controlnet
-from ..zimage_core.controlnet_layouts import ControlNetCheckpoint
+from ..zimage_core.controlnet_layouts import ControlNetCheckpoint, open_controlnet
 from ..zimage_core.controls import ControlSpec, build_control_inputs
 from ..zimage_core.denoiser import SigmaLookup
 from ..zimage_core.errors import ZImageError
 from ..zimage_core.native import controls_for_call
 from ..zimage_core.vae import to_model_space
-from . import host, paths
+from . import checks, host, paths
+from .checks import node_errors
 from .handles import ZImageModel
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 CATEGORY = "Z-Image/controlnet"
 FOLDERS = ("controlnet", "model_patches")
 QUANT_MODES = ["none", "int8", "nf4", "fp8"]
+# Widget ranges, checked again in the node (an API prompt or a linked value skips the widget's own limits).
+STRENGTH = {"min": 0.0, "max": 2.0}
+FRACTION = {"min": 0.0, "max": 1.0}
 
 
 def _names() -> list[str]:
@@ -225,10 +228,13 @@ class ZImageControlNetLoader:
             },
         }
 
+    @node_errors("Z-Image ControlNet Loader")
     def load(self, controlnet_name, quant="none"):
         if quant not in QUANT_MODES:
             raise ZImageError(f"quant '{quant}' is not one of {', '.join(QUANT_MODES)}.")
-        return (ZImageControlNetFile(resolve_controlnet(controlnet_name), controlnet_name, quant),)
+        path = resolve_controlnet(controlnet_name)
+        open_controlnet(path)  # a DiT, VAE, LoRA or damaged file is refused here, not when sampling
+        return (ZImageControlNetFile(path, controlnet_name, quant),)
 
 
 class ZImageControlNetApply:
@@ -246,7 +252,7 @@ class ZImageControlNetApply:
 
     @classmethod
     def INPUT_TYPES(cls):
-        frac = {"min": 0.0, "max": 1.0, "step": 0.01}
+        frac = {**FRACTION, "step": 0.01}
         return {
             "required": {
                 "model": ("ZIMAGE_MODEL", {"tooltip": "The Z-Image model (loader, LoRA loader or another Apply)."}),
@@ -257,8 +263,7 @@ class ZImageControlNetApply:
                     "FLOAT",
                     {
                         "default": 0.75,
-                        "min": 0.0,
-                        "max": 2.0,
+                        **STRENGTH,
                         "step": 0.01,
                         "tooltip": "How strongly the control steers (0.6-1.0 is typical).",
                     },
@@ -278,6 +283,7 @@ class ZImageControlNetApply:
             },
         }
 
+    @node_errors("Z-Image ControlNet Apply")
     def apply(self, model, controlnet, vae, image, strength, start_percent, end_percent, inpaint_image=None, mask=None):
         if not isinstance(model, ZImageModel):
             raise ZImageError(
@@ -285,14 +291,23 @@ class ZImageControlNetApply:
             )
         if not isinstance(controlnet, ZImageControlNetFile):
             raise ZImageError("the controlnet input is not a Z-Image ControlNet; connect Z-Image ControlNet Loader.")
-        if not math.isfinite(strength):
-            raise ZImageError(f"ControlNet strength {strength} is not a number.")
-        if not 0.0 <= start_percent <= end_percent <= 1.0:
+        strength = checks.number("strength", strength, STRENGTH)
+        start_percent = checks.number("start_percent", start_percent, FRACTION)
+        end_percent = checks.number("end_percent", end_percent, FRACTION)
+        if not start_percent <= end_percent:
             raise ZImageError(
-                f"ControlNet start_percent {start_percent} / end_percent {end_percent}: need 0 <= start <= end <= 1."
+                f"start_percent {start_percent} / end_percent {end_percent}: need 0 <= start <= end <= 1 (the "
+                "fractions of the steps the control applies between); lower start_percent or raise end_percent."
             )
+        checks.vae("the vae input", vae)
+        checks.image("image (the control image)", image, "a preprocessor (Canny, depth, pose...) or Load Image")
         if (inpaint_image is None) != (mask is None):
             raise ZImageError("connect both inpaint_image and mask (white = generate), or neither.")
+        if inpaint_image is not None:
+            checks.image("inpaint_image", inpaint_image)
+            checks.mask("mask", mask, inpaint_image, "inpaint_image")
+            m = mask.shape[0] if mask.ndim == 3 else 1
+            checks.same_batch(("image", image.shape[0]), ("inpaint_image", inpaint_image.shape[0]), ("mask", m))
         spec = ControlSpec(controlnet.path, image, strength, start_percent, end_percent, inpaint_image, mask)
         spec.check_channels(controlnet.in_channels(model.config), f"ControlNet '{controlnet.name}'")
         if strength == 0:

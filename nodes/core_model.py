@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..zimage_core.errors import ZImageError
 from . import bridge
+from .checks import node_errors
 from .controlnet import BridgedControls
 from .handles import ZImageModel
 
@@ -40,6 +41,7 @@ class ZImageToCoreModel:
             }
         }
 
+    @node_errors("Z-Image Model → MODEL")
     def convert(self, model):
         if not isinstance(model, ZImageModel):
             raise ZImageError(

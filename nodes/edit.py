@@ -19,7 +19,8 @@ import torch
 
 from ..zimage_core import edit, vae, vision
 from ..zimage_core.errors import ZImageError
-from . import host, paths
+from . import checks, host, paths
+from .checks import node_errors
 from .conditioning import caption_features, host_intermediate_device
 from .handles import EncoderHandle, ZImageTextEncoderHandle
 from .loaders import WEIGHT_DTYPES, pick_dtype
@@ -30,6 +31,7 @@ VISION_KIND = "clip_vision"
 DEFAULT_VISION = "siglip2-so400m-patch16-naflex"
 GRID_UNIT = 16  # ComfyUI reads a SigLIP grid as image_sizes // 16
 MAX_LENGTH = 512
+MAX_LENGTH_RANGE = {"min": 0, "max": 32768}  # the widget's range, checked again in the node
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,6 +124,7 @@ class ZImageVisionLoader:
             }
         }
 
+    @node_errors("Z-Image Vision Loader (SigLIP2)")
     def load(self, vision_name, weight_dtype="auto"):
         path = resolve_vision(vision_name)
         load_device, offload_device = host.text_encoder_devices()
@@ -161,8 +164,7 @@ def _images(*inputs) -> list[torch.Tensor]:
     for i, img in enumerate(inputs, 1):
         if img is None:
             continue
-        if not torch.is_tensor(img) or img.ndim != 4 or img.shape[-1] < 3:
-            raise ZImageError(f"image{i} is not an IMAGE [batch, height, width, 3]; connect Load Image to it.")
+        checks.image(f"image{i}", img)
         out.extend(img[j] for j in range(img.shape[0]))
     return out
 
@@ -225,8 +227,7 @@ class ZImageEditConditioning:
                     "INT",
                     {
                         "default": MAX_LENGTH,
-                        "min": 0,
-                        "max": 32768,
+                        **MAX_LENGTH_RANGE,
                         "step": 1,
                         "tooltip": "Token limit per caption segment (512 as in the reference pipeline); 0 = no limit.",
                     },
@@ -247,6 +248,7 @@ class ZImageEditConditioning:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
+    @node_errors("Z-Image Edit Conditioning")
     def encode(
         self,
         text_encoder,
@@ -265,20 +267,17 @@ class ZImageEditConditioning:
                 f"the text_encoder input is {type(text_encoder).__name__}, not a Z-Image text encoder; "
                 "connect Z-Image Text Encoder Loader to it."
             )
-        if vae is None or not hasattr(vae, "encode"):
-            raise ZImageError("the vae input is not a VAE; connect Load VAE with ae.safetensors to it.")
+        checks.vae("the vae input", vae)
         if vision is not None and not isinstance(vision, ZImageVisionHandle):
             raise ZImageError(
                 f"the vision input is {type(vision).__name__}, not a Z-Image vision encoder; connect "
                 "Z-Image Vision Loader to it."
             )
-        if not isinstance(text, str) or not isinstance(negative_text, str):
-            raise ZImageError("text and negative_text must be strings.")
-        if not isinstance(max_length, int) or max_length < 0:
-            raise ZImageError(f"max_length must be 0 (no limit) or a positive number of tokens, got {max_length!r}.")
-        images = _images(image1, image2, image3)
-        if not images:
+        text, negative_text = checks.text("text", text), checks.text("negative_text", negative_text)
+        max_length = checks.whole("max_length (0 = no limit)", max_length, MAX_LENGTH_RANGE)
+        if image1 is None:
             raise ZImageError("no reference image: connect Load Image to image1.")
+        images = _images(image1, image2, image3)
         prepared = [edit.prepare_reference(img) for img in images]
         inter = host_intermediate_device()
         refs = []

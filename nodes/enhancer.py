@@ -11,9 +11,10 @@ import logging
 import weakref
 from pathlib import Path
 
-from ..zimage_core import enhancer
+from ..zimage_core import enhancer, validate
 from ..zimage_core.errors import ZImageError
-from . import host, paths
+from . import checks, host, paths
+from .checks import node_errors
 from .edit import hf_folders
 from .handles import ZImageTextEncoderHandle
 from .loaders import pick_dtype
@@ -23,6 +24,10 @@ log = logging.getLogger(__name__)
 USE_TEXT_ENCODER = "(text encoder)"
 LLM_KIND = "LLM"
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
+# Widget ranges, checked again in the node (an API prompt or a linked value skips the widget's own limits).
+MAX_NEW_TOKENS = {"min": 1, "max": 4096}
+TEMPERATURE = {"min": 0.0, "max": 2.0}
+TOP_P = {"min": 0.05, "max": 1.0}
 
 
 def llm_folders() -> dict[str, Path]:
@@ -93,8 +98,7 @@ class ZImagePromptEnhancer:
                     "INT",
                     {
                         "default": 512,
-                        "min": 1,
-                        "max": 4096,
+                        **MAX_NEW_TOKENS,
                         "step": 1,
                         "tooltip": "Upper bound on the length of the rewrite, in tokens (about "
                         "0.75 words each). Generation stops earlier at the end of "
@@ -105,8 +109,7 @@ class ZImagePromptEnhancer:
                     "FLOAT",
                     {
                         "default": 0.7,
-                        "min": 0.0,
-                        "max": 2.0,
+                        **TEMPERATURE,
                         "step": 0.05,
                         "tooltip": "Randomness: 0 = greedy (always the most likely word); "
                         "0.5-0.9 gives varied rewrites per seed.",
@@ -116,8 +119,7 @@ class ZImagePromptEnhancer:
                     "FLOAT",
                     {
                         "default": 0.9,
-                        "min": 0.05,
-                        "max": 1.0,
+                        **TOP_P,
                         "step": 0.01,
                         "tooltip": "Nucleus sampling: only the most likely words covering this much "
                         "probability are drawn from (1 = all).",
@@ -181,6 +183,7 @@ class ZImagePromptEnhancer:
         return lm
 
     # ---- run -----------------------------------------------------------------------------
+    @node_errors("Z-Image Prompt Enhancer")
     def enhance(
         self,
         prompt,
@@ -193,12 +196,15 @@ class ZImagePromptEnhancer:
         system_prompt="",
         unique_id=None,
     ):
-        if not isinstance(prompt, str) or not prompt.strip():
+        if not checks.text("prompt", prompt).strip():
             raise ZImageError("the prompt is empty; type a short idea to expand.")
-        if not 0 <= int(seed) <= MAX_SEED:
-            raise ZImageError(f"seed must be between 0 and {MAX_SEED}, got {seed}.")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ZImageError(f"max_new_tokens must be at least 1, got {max_new_tokens!r}.")
+        seed = validate.seed(seed)
+        max_new_tokens = checks.whole("max_new_tokens", max_new_tokens, MAX_NEW_TOKENS)
+        temperature = checks.number("temperature (0 = greedy)", temperature, TEMPERATURE)
+        top_p = checks.number("top_p", top_p, TOP_P)
+        system_prompt = checks.text("system_prompt", "" if system_prompt is None else system_prompt)
+        if not isinstance(llm, (str, type(None))):
+            raise ZImageError(f"llm must be a name from the list, got {type(llm).__name__}.")
         if llm not in (None, "", USE_TEXT_ENCODER):
             lm = self._separate_lm(llm)
         elif isinstance(text_encoder, ZImageTextEncoderHandle):

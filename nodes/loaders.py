@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
@@ -14,7 +13,8 @@ from ..zimage_core.dtypes import DTYPES
 from ..zimage_core.errors import ZImageError
 from ..zimage_core.memory import MemoryMode, Residency, Workload, dit_stage_size
 from ..zimage_core.text_encoder import TextEncoder
-from . import host, paths
+from . import checks, host, paths
+from .checks import node_errors
 from .handles import DiTSlot, LoraSpec, ZImageModel, ZImageTextEncoderHandle, load_lora_for
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,9 @@ ATTENTION_BACKENDS = ["sdpa", "auto", "flash_attn", "flash_attn_3", "sage"]
 MEMORY_MODES = ["full", "auto", "text-encoder-offload", "block-swap", "sequential"]
 QUANT_MODES = ["none", "int8", "nf4", "fp8"]
 DEFAULT_SWAP_BLOCKS = 16
+# Widget ranges, checked again in the node (an API prompt or a linked value skips the widget's own limits).
+SWAP_BLOCKS = {"min": 1, "max": 64}
+LORA_STRENGTH = {"min": -10.0, "max": 10.0}
 
 
 def _choices(kind: str) -> list[str]:
@@ -71,8 +74,7 @@ def memory_mode_of(memory_mode: str, swap_blocks: int) -> MemoryMode:
     """The loader's two widgets as the engine's typed memory mode (``swap_blocks`` counts for block-swap only)."""
     if memory_mode not in MEMORY_MODES:
         raise ZImageError(f"memory_mode '{memory_mode}' is not available; choose one of {', '.join(MEMORY_MODES)}.")
-    if isinstance(swap_blocks, bool) or not isinstance(swap_blocks, int) or swap_blocks < 1:
-        raise ZImageError(f"swap_blocks must be a positive number of blocks, got {swap_blocks!r}.")
+    swap_blocks = checks.whole("swap_blocks (blocks streamed by block-swap)", swap_blocks, SWAP_BLOCKS)
     return MemoryMode.of(memory_mode, swap_blocks if memory_mode == "block-swap" else None)
 
 
@@ -139,8 +141,7 @@ class ZImageModelLoader:
                     "INT",
                     {
                         "default": DEFAULT_SWAP_BLOCKS,
-                        "min": 1,
-                        "max": 64,
+                        **SWAP_BLOCKS,
                         "step": 1,
                         "tooltip": "block-swap only: how many of the transformer blocks (34 in Z-Image) stream from "
                         "host memory. More saves VRAM (about 360 MB per bf16 block).",
@@ -157,6 +158,7 @@ class ZImageModelLoader:
             },
         }
 
+    @node_errors("Z-Image Model Loader")
     def load(
         self,
         model_name,
@@ -172,6 +174,7 @@ class ZImageModelLoader:
                 f"attention '{attention}' is not available; choose one of {', '.join(ATTENTION_BACKENDS)}."
             )
         mode = memory_mode_of(memory_mode, swap_blocks)
+        compile = checks.boolean("compile", compile)
         path = paths.resolve("diffusion_models", model_name)
         load_device, offload_device = host.dit_devices()
         dtype = pick_dtype(weight_dtype, load_device)
@@ -235,6 +238,7 @@ class ZImageTextEncoderLoader:
             },
         }
 
+    @node_errors("Z-Image Text Encoder Loader")
     def load(self, text_encoder_name, weight_dtype="auto", quant="none"):
         path = paths.resolve("text_encoders", text_encoder_name)
         load_device, offload_device = host.text_encoder_devices()
@@ -280,8 +284,7 @@ class ZImageLoraLoader:
                     "FLOAT",
                     {
                         "default": 1.0,
-                        "min": -10.0,
-                        "max": 10.0,
+                        **LORA_STRENGTH,
                         "step": 0.01,
                         "tooltip": "How strongly the LoRA applies; 0 leaves the model as it is, "
                         "negative values invert it.",
@@ -290,14 +293,14 @@ class ZImageLoraLoader:
             }
         }
 
+    @node_errors("Z-Image LoRA Loader")
     def load(self, model, lora_name, strength=1.0):
         if not isinstance(model, ZImageModel):
             raise ZImageError(
                 f"the model input is {type(model).__name__}, not a Z-Image model; connect Z-Image Model "
                 "Loader (or another Z-Image LoRA Loader) to it."
             )
-        if not math.isfinite(strength):
-            raise ZImageError(f"LoRA strength {strength} is not a number.")
+        strength = checks.number("strength", strength, LORA_STRENGTH)
         path = paths.resolve("loras", lora_name)
         if strength == 0:
             return (model,)

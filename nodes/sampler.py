@@ -18,6 +18,7 @@ from ..zimage_core.errors import ZImageError
 from ..zimage_core.pipeline import GenerateOptions, denoise_latents
 from ..zimage_core.vae import to_model_space, to_raw_space
 from . import host
+from .checks import node_errors
 from .conditioning import caption_features, host_intermediate_device
 from .controlnet import control_inputs
 from .edit import edit_conditions, has_references
@@ -165,6 +166,7 @@ class ZImageTurboSampler:
             },
         }
 
+    @node_errors("Z-Image Sampler")
     def sample(
         self,
         model,

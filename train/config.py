@@ -10,6 +10,7 @@ Overrides use dotted paths and TOML values: ``optim.lr=3e-5``, ``max_steps=10``,
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,9 @@ else:  # pragma: no cover - Python 3.10
 
 #: ``model.text_encoder`` / ``model.vae`` value that builds a seeded random tiny encoder (tests, CPU demos).
 RANDOM_TINY = "random-tiny"
+#: The options of the built-in rewards (train.rl.rewards) that name a model file or folder the user supplies, checked
+#: at the start of a run. Not the judge's ``path``: a DPO run draws the candidates its judge then scores.
+REWARD_MODEL_FILES = {"alignment": ("model",), "aesthetic": ("path", "clip")}
 PRESETS = ("tiny", "mid", "turbo", "base", "omni")
 DEFAULT_LORA_TARGETS = [r"attention\.qkv$", r"attention\.out$", r"feed_forward\.w[123]$"]
 
@@ -264,14 +268,44 @@ class TrainConfig:
         if self.distill.enabled:
             self._validate_distill()
 
-    def check_model_files(self) -> None:
-        """The model files named here exist (a run checks this at its start, before the data cache is built;
-        :meth:`validate` does not, so configurations can be read and planned on machines without the files)."""
-        m = self.model
+    def model_files(self) -> list[tuple[str, str, str]]:
+        """``(key, path, what to put there)`` of every model file or folder this configuration names, by the key the
+        user wrote it under (``rl.policy`` and ``distill.teacher`` before the ``model.checkpoint`` they are copied
+        into), the user-supplied reward models of ``[rl] rewards`` included."""
+        files = []
+        rl = self.rl or {}
+        if rl.get("policy"):
+            files.append(("rl.policy", rl["policy"], "the DiT to improve: a file or folder zimage reads"))
+        distill = rl.get("distill")
+        if isinstance(distill, dict) and distill.get("teacher"):
+            files.append(("rl.distill.teacher", distill["teacher"], "the DiT of rl.policy (DMDR distills the policy)"))
+        for i, spec in enumerate(rl.get("rewards") or []):
+            name = spec.get("name") if isinstance(spec, dict) else None
+            for opt in REWARD_MODEL_FILES.get(name, ()) if isinstance(name, str) else ():
+                if isinstance(spec.get(opt), str) and spec[opt]:
+                    files.append((f"rl.rewards[{i}].{opt}", spec[opt], f"the model file or folder of reward '{name}'"))
+        if self.distill.enabled and self.distill.teacher:
+            files.append(("distill.teacher", self.distill.teacher, "the DiT file to distill (e.g. from train.export)"))
         for key in ("checkpoint", "text_encoder", "vae", "vision", "tokenizer"):
-            value = getattr(m, key)
-            if value and value != RANDOM_TINY and not Path(value).expanduser().exists():
-                raise ConfigError(f"model.{key} '{value}' does not exist; give the path of an existing file or folder.")
+            value = getattr(self.model, key)
+            if value and value != RANDOM_TINY:
+                files.append((f"model.{key}", value, "an existing file or folder"))
+        return files
+
+    def check_model_files(self) -> None:
+        """The model files named here exist and can be read (a run checks this at its start, before the data cache
+        or anything else is built; :meth:`validate` does not, so configurations can be read and planned on machines
+        without the files). Each path is reported under the first key that names it."""
+        seen = set()
+        for key, value, what in self.model_files():
+            p = Path(value).expanduser()
+            if p in seen:
+                continue
+            seen.add(p)
+            if not p.exists():
+                raise ConfigError(f"{key} '{value}' does not exist; give the path of {what}.")
+            if not os.access(p, os.R_OK) or (p.is_dir() and not os.access(p, os.X_OK)):
+                raise ConfigError(f"{key} '{value}' is not readable (permissions); give the path of {what}.")
 
     def _validate_distill(self) -> None:
         d = self.distill

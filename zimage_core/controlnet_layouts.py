@@ -119,6 +119,16 @@ def _is_zero(t: torch.Tensor) -> bool:
     return not torch.count_nonzero(t.to(torch.float32)).item()
 
 
+def open_controlnet(path: str | os.PathLike) -> WeightSource:
+    """The tensors of a ControlNet file or folder (its header only), refused with what the file holds when it is
+    not a Z-Image Fun ControlNet; needs no DiT, so a loader can check the file before it knows the model."""
+    path = Path(path)
+    src = WeightSource(resolve_weight_files(path, "ControlNet"), "ControlNet")
+    if not any(to_native_key(k) == EMBEDDER for k in src):
+        raise CheckpointError(f"ControlNet '{path}': " + _not_a_controlnet(list(src)))
+    return src
+
+
 class ControlNetCheckpoint:
     """A ControlNet file seen through the native layout: ``getters`` yields each native tensor lazily.
 
@@ -127,7 +137,7 @@ class ControlNetCheckpoint:
 
     def __init__(self, path: str | os.PathLike, base: DiTConfig | None = None):
         self.path = Path(path)
-        self.source = WeightSource(resolve_weight_files(self.path, "ControlNet"), "ControlNet")
+        self.source = open_controlnet(self.path)
         self.base = base or DiTConfig()
         self.getters: dict[str, Callable[[], torch.Tensor]] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -157,8 +167,6 @@ class ControlNetCheckpoint:
 
     def _index(self) -> None:
         src = self.source
-        if not any(to_native_key(k) == EMBEDDER for k in src):
-            raise CheckpointError(f"ControlNet '{self.path}': " + _not_a_controlnet(list(src)))
         unknown = []
         for k, (get, shape, parts) in native_view(src, to_native_key, "ControlNet").items():
             self.getters[k] = get

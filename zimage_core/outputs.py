@@ -46,7 +46,7 @@ def atomic_path(path: str | os.PathLike, folder: bool = False) -> Iterator[Path]
             if not path.is_dir():
                 raise FileExistsError(17, "a file is in the way of the output folder", str(path))
             for child in tmp.iterdir():  # an existing folder keeps its other files; ours replace theirs one by one
-                os.replace(child, path / child.name)
+                _replace(child, path / child.name)
             tmp.rmdir()
         else:
             os.replace(tmp, path)
@@ -61,6 +61,22 @@ def atomic_path(path: str | os.PathLike, folder: bool = False) -> Iterator[Path]
             except OSError:
                 break
         raise
+
+
+def _replace(src: Path, dest: Path) -> None:
+    """``os.replace`` that also replaces an existing folder by a folder (the old one is moved aside, then removed)."""
+    if src.is_dir() and dest.is_dir():
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+        os.replace(dest, old / dest.name)
+        try:
+            os.replace(src, dest)
+        except BaseException:
+            os.replace(old / dest.name, dest)
+            old.rmdir()
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dest)
 
 
 def parameters_text(params: dict) -> str:

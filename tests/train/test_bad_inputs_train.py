@@ -138,6 +138,74 @@ def test_train_run_bad_input(tmp_path, shapes, capsys, case, args, words):
     assert not out.exists() and not cache.exists(), sorted(p.name for p in tmp_path.iterdir())
 
 
+# ---- RL and distillation starts: the model files are checked under the key that names them, before anything is made
+# (id, configuration, overrides ({M} = a missing folder, {P} = an existing file), words of the message)
+START_CASES = [
+    (
+        "grpo-policy-missing",
+        "rl_grpo_synthetic",
+        ["rl.policy='{M}/policy.safetensors'"],
+        ["rl.policy", "DiT to improve"],
+    ),
+    (
+        "dpo-policy-missing",
+        "rl_dpo_synthetic",
+        ["rl.policy='{M}/policy.safetensors'"],
+        ["rl.policy", "policy.safetensors"],
+    ),
+    (
+        "dmdr-policy-missing",
+        "rl_dmdr_synthetic",
+        ["rl.policy='{M}/policy.safetensors'"],
+        ["rl.policy", "DiT to improve"],
+    ),
+    (  # [rl.distill] teacher = the policy (DMDR distills it): the path is reported under rl.policy, once
+        "dmdr-policy-and-teacher-missing",
+        "rl_dmdr_synthetic",
+        ["rl.policy='{M}/policy.safetensors'", "rl.distill.teacher='{M}/policy.safetensors'"],
+        ["rl.policy", "DiT to improve"],
+    ),
+    (
+        "grpo-alignment-model-missing",
+        "rl_grpo_synthetic",
+        ["rl.policy='{P}'", 'rl.rewards=[{name = "alignment", weight = 1.0, model = "{M}/siglip2"}]'],
+        ["rl.rewards[0].model", "siglip2", "alignment"],
+    ),
+    (
+        "grpo-aesthetic-predictor-missing",
+        "rl_grpo_synthetic",
+        [
+            "rl.policy='{P}'",
+            'rl.rewards=[{name = "contrast"}, {name = "aesthetic", path = "{M}/sac.pth", clip = "{P}"}]',
+        ],
+        ["rl.rewards[1].path", "sac.pth"],
+    ),
+    (
+        "grpo-text-encoder-missing",
+        "rl_grpo_synthetic",
+        ["rl.policy='{P}'", "model.text_encoder='{M}/qwen'"],
+        ["model.text_encoder"],
+    ),
+    (
+        "distill-teacher-missing",
+        "distill_synthetic",
+        ["distill.teacher='{M}/teacher.safetensors'"],
+        ["distill.teacher"],
+    ),
+]
+
+
+@pytest.mark.parametrize("case,config,args,words", START_CASES, ids=[c[0] for c in START_CASES])
+def test_rl_and_distill_starts_check_model_files(tmp_path, capsys, case, config, args, words):
+    out, cache, policy = tmp_path / "run", tmp_path / "cache", tmp_path / "policy.safetensors"
+    policy.write_bytes(b"")  # exists: only the missing file may be reported
+    argv = [str(ROOT / "train" / "configs" / f"{config}.toml"), f"output_dir='{out}'", f"data.cache_dir='{cache}'"]
+    argv += [a.replace("{M}", str(tmp_path / "missing")).replace("{P}", str(policy)) for a in args]
+    rc, err = call(run_main, [*argv, "--no-progress", "-q"], capsys)
+    assert_one_clean_line(rc, err, [*words, "does not exist", str(tmp_path / "missing")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy.safetensors"]  # no run folder, no cache
+
+
 def test_train_run_config_file_problems(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text("max_steps = [\n")

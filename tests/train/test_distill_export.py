@@ -23,6 +23,7 @@ from train.distill import Distiller
 from zimage_core.checkpoints import load_dit
 from zimage_core.cli import main as zimage
 from zimage_core.dit_layout import DiTCheckpoint
+from zimage_core.errors import ZImageError
 from zimage_core.pipeline import GenerateOptions, ZImagePipeline
 from zimage_core.sampling import initial_noise, latent_shape
 from zimage_core.vae import to_raw_space
@@ -129,3 +130,43 @@ def test_student_file_and_turbo_lora_load_in_the_nodes(run, monkeypatch):
     torch.testing.assert_close(by_file, to_raw_space(ref), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(by_lora, by_file, atol=2e-3, rtol=1e-3)
     assert (plain - by_file).abs().max() > 1e-2
+
+
+def test_a_failed_export_leaves_nothing_and_a_repeated_one_replaces_the_files(run, tmp_path, monkeypatch):
+    """The export writes its files into a temporary folder and moves them in only when all are complete: a failure
+    after the student file (here the LoRA writer) leaves no file at the destination, new or existing; an export
+    into a folder that already holds one replaces its files (the diffusers folder included)."""
+    from train.distill import export as distill_export
+
+    _, _, res, files, _ = run
+    ckpt = res.export.parents[1] / "checkpoints"
+    wrote = []
+
+    def failing_save_lora(lora, path, metadata=None):
+        wrote.append(sorted(p.name for p in Path(path).parent.iterdir()))  # the student files exist by now
+        raise OSError(28, "No space left on device")
+
+    out = tmp_path / "new" / "export"
+    with monkeypatch.context() as m:
+        m.setattr(distill_export, "save_lora", failing_save_lora)
+        with pytest.raises(OSError, match="No space"):
+            distill_export.export_distilled(ckpt, out, lora_rank=4)
+        assert "distill_synthetic_3step_student.safetensors" in wrote[0]
+        assert not (tmp_path / "new").exists()  # neither the files nor the folders made for them
+        old = tmp_path / "old"
+        shutil.copytree(res.export.parent, old)
+        before = {p.relative_to(old): p.read_bytes() for p in old.rglob("*") if p.is_file()}
+        with pytest.raises(OSError, match="No space"):
+            distill_export.export_distilled(ckpt, old, dtype="bf16", lora_rank=4)
+        assert {p.relative_to(old): p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # no temporary folder left next to them
+    paths = distill_export.export_distilled(ckpt, old, dtype="bf16", lora_rank=4)
+    assert set(paths) == {"student", "diffusers", "lora", "report"} and all(p.parent == old for p in paths.values())
+    assert paths["student"].read_bytes() != before[Path(paths["student"].name)]  # bf16 now, fp32 before
+    assert sorted(p.name for p in old.iterdir()) == sorted(files) + [
+        "distill_synthetic_3step_turbo_lora_r4.safetensors"
+    ]
+    assert load_dit(paths["diffusers"]).state_dict().keys() == load_dit(paths["student"]).state_dict().keys()
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ZImageError, match="is a file"):
+        distill_export.export_distilled(ckpt, tmp_path / "a_file")

@@ -23,10 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from zimage_core import validate
 from zimage_core.checkpoints import load_dit, save_dit
 from zimage_core.dtypes import resolve_dtype
 from zimage_core.errors import ZImageError
 from zimage_core.lora import Diff, LoRA, LowRank, save_lora
+from zimage_core.outputs import atomic_path
 
 from .. import checkpoint as ck
 from ..export import dit_config_from_meta
@@ -130,7 +132,9 @@ def export_distilled(
     if not str(meta.get("kind", "")).startswith("distill"):
         raise ZImageError(f"checkpoint '{folder}' is not a distillation run (kind {meta.get('kind')}).")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ZImageError(f"export folder '{out}' is a file; give a folder (the export writes several files).")
+    validate.writable_path(out, "export folder", folder_ok=True)  # before the work, not after it
     d, cfg = meta["distill"], dit_config_from_meta(meta)
     stem = f"{meta.get('config', {}).get('name', 'distilled')}_{d['student_steps']}step"
     teacher = load_dit(d["teacher"], dtype=torch.float32, device="cpu").state_dict()
@@ -144,10 +148,22 @@ def export_distilled(
     }
     target = resolve_dtype(dtype, "cpu")
     cast = {k: (v.to(target) if v.is_floating_point() else v) for k, v in student.items()}
+    # Every file is written into a temporary folder next to ``out`` and moved into ``out`` only when all of them
+    # are complete: a failure (or a kill) part-way leaves no file of this export in ``out``.
+    with atomic_path(out, folder=True) as tmp:
+        written = _write_export(tmp, stem, cast, student, teacher, cfg, d, meta, info, lora_rank, diffusers)
+    paths = {k: out / p.name for k, p in written.items()}
+    log.info("exported the %d-step student of step %s to %s", d["student_steps"], meta["step"], paths["student"])
+    if "lora" in paths:
+        log.info("turbo LoRA (rank %d): %s", lora_rank, paths["lora"])
+    return paths
+
+
+def _write_export(out: Path, stem, cast, student, teacher, cfg, d, meta, info, lora_rank, diffusers) -> dict[str, Path]:
+    """The export's files, written into ``out`` (the temporary folder of :func:`export_distilled`)."""
     paths = {"student": save_dit(cast, cfg, out / f"{stem}_student.safetensors", "comfyui")}
     if diffusers:
         paths["diffusers"] = save_dit(cast, cfg, out / f"{stem}_student_diffusers", "diffusers")
-    log.info("exported the %d-step student of step %s to %s", d["student_steps"], meta["step"], paths["student"])
     if lora_rank > 0:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         lora, report = delta_lora(student, teacher, cfg, lora_rank, device)
@@ -156,18 +172,10 @@ def export_distilled(
         meta_lora = {**info, "zimage_lora_rank": str(lora_rank), "zimage_lora_energy_kept": f"{kept:.6f}"}
         paths["lora"] = save_lora(lora, out / f"{stem}_turbo_lora_r{lora_rank}.safetensors", metadata=meta_lora)
         report_path = out / f"{stem}_lora_report.json"
-        tmp = report_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(report_path)
+        report_path.write_text(json.dumps(report, indent=2))  # inside the temporary folder
         paths["report"] = report_path
         curve = ", ".join(f"r{q} {v:.1%}" for q, v in report["energy_kept_by_rank"].items())
-        log.info(
-            "LoRA delta at rank %d keeps %.2f%% of the weight difference (%s): %s",
-            lora_rank,
-            100 * kept,
-            curve,
-            paths["lora"],
-        )
+        log.info("LoRA delta at rank %d keeps %.2f%% of the weight difference (%s)", lora_rank, 100 * kept, curve)
         if report["not_representable_relative_change"]:
             log.warning(
                 "the LoRA cannot carry the change of %s (relative size %s); the full student file has it",

@@ -297,8 +297,8 @@ def distill_config(
     extra: dict | None = None,
 ) -> dict:
     extra = dict(extra or {})
+    name = f"{method}_{steps}" + "".join(f"_{k}{v}" for k, v in extra.items())  # every override: its own folder
     max_steps = extra.pop("max_steps", max_steps)
-    name = f"{method}_{steps}" + "".join(f"_{k}{v}" for k, v in extra.items())
     cfg = {
         "name": name,
         "output_dir": str(work / name),

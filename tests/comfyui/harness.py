@@ -2,7 +2,7 @@
 
 ComfyUI needs torchvision, which does not import beside the CPU torch 2.13.0 the suite runs on, so the server may run
 in its own venv (``COMFYUI_PYTHON``, default this interpreter) while pytest stays here; the pack is then imported inside
-that venv. Tested with ComfyUI 0.14.1 (commit 83dd65f2) and 0.8.0 (all 23 pass; 0.8.0's Lumina2 does not forward
+that venv. Tested with ComfyUI 0.14.1 (commit 83dd65f2) and 0.8.0 (all pass; 0.8.0's Lumina2 does not forward
 Omni conditioning, which the bridge then does itself)::
 
     python -m venv /work/venv-comfy

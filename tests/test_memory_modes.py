@@ -329,7 +329,9 @@ def test_unchanged_prompts_reuse_embeddings_without_moving_the_text_encoder(mode
     monkeypatch.setattr(
         Residency,
         "place",
-        lambda self, name, c: (name == "text_encoder" and placed.append(1)) or real_place(self, name, c),
+        lambda self, name, c, extras=(): (
+            (name == "text_encoder" and placed.append(1)) or real_place(self, name, c, extras)
+        ),
     )
     opts = GenerateOptions(prompt="a cat", width=32, height=32, steps=1)
     a = np.asarray(pipe.generate(opts, progress=False)[0])

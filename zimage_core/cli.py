@@ -246,7 +246,7 @@ def cmd_generate(args) -> int:
     )
     tile = args.vae_tile
     pipe.check_controls(opts.controls)  # ControlNet headers against the DiT's, before anything loads
-    pipe.check_request(opts, tile)  # the size and batch fit the device (from the files' headers, nothing loaded)
+    pipe.check_request(opts)  # the size and batch fit the device (from the files' headers, nothing loaded)
     init, mask = _init_latents(pipe, opts, init_img, mask_img) if init_img is not None else (None, None)
     images = pipe.generate(opts, init_latents=init, mask=mask, tile=tile)
     params = {

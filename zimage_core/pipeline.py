@@ -378,12 +378,12 @@ class ZImagePipeline:
     def _plan(self, work=None):
         """Plan the memory mode for ``work`` (a :class:`~zimage_core.memory.Workload`); None if unmanaged."""
         from .memory import Workload
-        from .memory.components import component_sizes, on_device_bytes, with_controls
+        from .memory.components import component_sizes, with_controls
 
         if self.residency is None:
             return None
         work = work or self._work or Workload()
-        te = self._te if self._te is not None and self._te.loaded else None
+        te = self._loaded_te()
         sizes, vae_cfg = component_sizes(
             self._dit, te, self._vae, self._estimates, work, self.sources.dtype if self.sources else torch.float32
         )
@@ -392,12 +392,26 @@ class ZImagePipeline:
 
             sizes["dit"] = ComponentSize(0)
         sizes["dit"] = with_controls(sizes["dit"], self._control_nets)
-        resident = sum(
-            on_device_bytes(m, self.device) for m in (self._dit, self._vae, te and te.model, *self._control_nets)
-        )
+        resident = self._resident_bytes(*self._control_nets)
         return self.residency.make_plan(
             sizes["dit"], sizes.get("text_encoder"), sizes.get("vae"), work, vae_cfg=vae_cfg, resident=resident
         )
+
+    def _loaded_te(self):
+        return self._te if self._te is not None and self._te.loaded else None
+
+    def _resident_bytes(self, *extra) -> int:
+        """Bytes of the loaded components (and the ``extra`` modules) that already sit on the device."""
+        from .memory.components import on_device_bytes
+
+        te = self._loaded_te()
+        return sum(on_device_bytes(m, self.device) for m in (self._dit, self._vae, te and te.model, *extra))
+
+    def _dtype(self) -> torch.dtype:
+        """The weights' dtype: the sources', else the given DiT's (float32 without either)."""
+        if self.sources is not None:
+            return self.sources.dtype
+        return self._dit.dtype if self._dit is not None else torch.float32
 
     def _vae_home(self) -> torch.device:
         plan = self.residency.plan if self.residency is not None else None
@@ -418,7 +432,7 @@ class ZImagePipeline:
         try:
             if place:
                 self._plan(work)
-            te = self._te if self._te is not None and self._te.loaded else None
+            te = self._loaded_te()
             others = {"dit": self._dit, "text_encoder": te, "vae": self._vae}
             release = self.release if self.lazy else None
             with res.stage(name, component, others, place=place, release=release, extras=extras):
@@ -521,17 +535,16 @@ class ZImagePipeline:
     def load_controlnets(self, specs: Sequence[ControlSpec]) -> list[ControlNet]:
         """The ControlNet of each spec, in the pipeline's dtype and quantization, off the device when a memory mode
         places it (:func:`~zimage_core.controls.load_controlnets`)."""
-        src = self.sources
-        dtype = src.dtype if src is not None else (self._dit.dtype if self._dit is not None else torch.float32)
+        quant = self.sources.quant if self.sources is not None else "none"
         device = self.device if self.residency is None else self.offload_device
-        return load_controlnets(specs, self._base_config(), dtype, device, src.quant if src is not None else "none")
+        return load_controlnets(specs, self._base_config(), self._dtype(), device, quant)
 
     def control_inputs(self, specs: Sequence[ControlSpec], width: int, height: int) -> list[ControlInput]:
         """Load the ControlNets and encode their images (VAE stage) for a ``width`` x ``height`` generation."""
         nets = self.load_controlnets(specs)
         return build_control_inputs(specs, nets, self.encode_image, width, height)
 
-    def check_request(self, opts: GenerateOptions, tile: int | str | None = "auto") -> None:
+    def check_request(self, opts: GenerateOptions) -> None:
         """Refuse a size and batch whose working memory cannot fit the device (before anything is loaded when the
         pipeline was built by :meth:`load`: the DiT's architecture comes from its file header)."""
         from .validate import check_request_memory
@@ -539,14 +552,8 @@ class ZImagePipeline:
         dit_cfg = self._base_config()
         if dit_cfg is None:
             return
-        dtype = self.sources.dtype if self.sources is not None else (self._dit.dtype if self._dit else torch.float32)
-        elt = torch.empty((), dtype=dtype).element_size()
-        resident = 0
-        if self.residency is not None:
-            from .memory.components import on_device_bytes
-
-            te = self._te.model if self._te is not None and self._te.loaded else None
-            resident = sum(on_device_bytes(m, self.device) for m in (self._dit, self._vae, te))
+        elt = torch.empty((), dtype=self._dtype()).element_size()
+        resident = self._resident_bytes() if self.residency is not None else 0
         check_request_memory(
             dit_cfg,
             opts.width,
@@ -577,7 +584,7 @@ class ZImagePipeline:
         prompts = opts.prompts()
         use_cfg = opts.cfg > 1.0
         start_latents(init_latents, mask, latent_shape(len(prompts), opts.height, opts.width))
-        self.check_request(opts, tile)
+        self.check_request(opts)
         self._work = Workload(opts.width, opts.height, len(prompts), use_cfg, opts.max_length or 512)
         try:
             texts = prompts + (opts.negatives() if use_cfg else [])

@@ -277,10 +277,7 @@ class Residency:
             for other in plan.evicts(name):
                 if (others or {}).get(other) is not None:
                     self.park(other, others[other])
-            if extras:
-                self.place(name, component, extras)
-            else:
-                self.place(name, component)
+            self.place(name, component, extras)
         try:
             yield component
         finally:

@@ -12,7 +12,6 @@ sampling loop (:func:`zimage_core.sampling.run_solver`) never changes.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -158,8 +157,6 @@ class Denoiser(GuidedDenoiser):
     ):
         super().__init__(dit, uncond is not None and cfg > 1.0, cfg, normalization, truncation, sigmas)
         self.controls = tuple(controls)
-        # the CFG batch is [cond..., uncond...]: control latents of one per sample are repeated for it
-        self._pair = {id(c): c if c.context.shape[0] == 1 else _doubled(c) for c in self.controls}
         h, w = latent_hw
         caps = dit.prepare_captions(list(cond) + (list(uncond) if self.use_cfg else []))
         n = len(cond)
@@ -174,12 +171,10 @@ class Denoiser(GuidedDenoiser):
     def forward_pair(self, x, t):
         xx, tt = torch.cat([x, x]), torch.cat([t, t])
         if self.active:
-            out = self.dit.denoise(xx, tt, self.plan_cfg, control=[self._pair[id(c)] for c in self.active]).float()
+            # the CFG batch is [cond..., uncond...]: per-sample control latents are repeated for it
+            control = [c.for_batch(xx.shape[0]) for c in self.active]
+            out = self.dit.denoise(xx, tt, self.plan_cfg, control=control).float()
         else:
             out = self.dit.denoise(xx, tt, self.plan_cfg).float()
         pos, neg = out.chunk(2)
         return pos, neg
-
-
-def _doubled(c: ControlInput) -> ControlInput:
-    return dataclasses.replace(c, context=torch.cat([c.context, c.context]))

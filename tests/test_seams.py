@@ -137,7 +137,7 @@ def test_initial_noise_is_one_function_for_every_caller():
 )
 def test_stage_parks_what_the_plan_wants_off_the_device(plan, rules, monkeypatch):
     moves = []
-    monkeypatch.setattr(Residency, "place", lambda self, name, c: moves.append(("place", name)))
+    monkeypatch.setattr(Residency, "place", lambda self, name, c, extras=(): moves.append(("place", name)))
     monkeypatch.setattr(Residency, "park", lambda self, name, c: moves.append(("park", name)))
     res = Residency(MemoryMode(plan.mode), torch.device("cpu"))
     res.plan = plan

@@ -382,6 +382,9 @@ def test_outputs_keep_the_parameters(model, tmp_path, capsys, suffix):
     params = read_parameters(out)
     assert params["prompt"] == "a cube" and params["seed"] == 9 and params["steps"] == 1
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not the temporary file's 0600
 
 
 # ---- the sampler node (API prompts can hold any value, whatever the widgets allow) --------------------------

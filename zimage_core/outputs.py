@@ -40,6 +40,7 @@ def atomic_path(path: str | os.PathLike, folder: bool = False) -> Iterator[Path]
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp = Path(name)
+    _ordinary_mode(tmp)
     try:
         yield tmp
         if folder and path.exists():
@@ -61,6 +62,14 @@ def atomic_path(path: str | os.PathLike, folder: bool = False) -> Iterator[Path]
             except OSError:
                 break
         raise
+
+
+def _ordinary_mode(p: Path) -> None:
+    """mkstemp/mkdtemp make 0600/0700 entries; the result is an ordinary file (0666) or folder (0777) under the
+    process umask, as a plain ``open``/``mkdir`` would make it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _replace(src: Path, dest: Path) -> None:

@@ -22,7 +22,6 @@ import json
 import logging
 import mmap
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import CheckpointError
+from .outputs import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -303,13 +303,5 @@ def save_safetensors(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None
 ) -> None:
     """Write ``tensors`` atomically: a crash never leaves a half-written file at ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from zimage_core.outputs import atomic_path
+
 from .config import CurateConfig, CurateError
 from .engine import run_shards
 from .manifest import list_images, pa, write_text
@@ -84,12 +86,8 @@ def run_embed(input_dir, out, cfg: CurateConfig, model=None) -> dict:
     x = np.concatenate(
         [c if c.ndim == 2 and c.shape[1] == dim else np.zeros((len(c), dim), np.float32) for c in chunks]
     )
-    from .manifest import atomic_path
-
-    tmp = atomic_path(out / "embeddings.npy")
-    with open(tmp, "wb") as fh:
+    with atomic_path(out / "embeddings.npy") as tmp, open(tmp, "wb") as fh:
         np.save(fh, x)
-    tmp.replace(out / "embeddings.npy")
     write_text(out / "ids.txt", "\n".join(ids) + "\n")
     log.info("embed: %d x %d embeddings -> %s", x.shape[0], x.shape[1], out / "embeddings.npy")
     return {"embeddings": str(out / "embeddings.npy"), "ids": str(out / "ids.txt")}

@@ -163,25 +163,8 @@ def _run_ray(stage, shards, todo, factory, sd, cfg, done, total, unit) -> None:
 
 def merge(files: list[Path], dest: Path) -> Path:
     """Concatenate shard files into ``dest`` (atomically), one shard in memory at a time."""
-    from .manifest import atomic_path
+    from .manifest import write_tables
 
     pyarrow = pa()
-    tmp = atomic_path(dest)
-    writer = None
-    try:
-        for f in files:
-            t = pyarrow.parquet.read_table(f)
-            if writer is None:
-                writer = pyarrow.parquet.ParquetWriter(tmp, t.schema)
-            writer.write_table(t.cast(writer.schema))
-        if writer is None:
-            raise CurateError(f"nothing to write to '{dest}' (no shard).")
-        writer.close()
-        writer = None
-        os.replace(tmp, dest)
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    return dest
+    tables = (pyarrow.parquet.read_table(f) for f in files)
+    return write_tables(tables, dest, f"nothing to write to '{dest}' (no shard).", cast=True)

@@ -10,10 +10,10 @@ share it, every other image has its own). The profile stage adds its measurement
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from zimage_core.outputs import atomic_path
 
 from .config import CurateError
 
@@ -50,40 +50,36 @@ def list_images(root: str | Path) -> list[dict]:
     return out
 
 
-def atomic_path(dest: Path) -> Path:
-    """A temporary name beside ``dest`` (rename it onto ``dest`` when complete)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result is an ordinary file
-    return Path(tmp)
-
-
 def write_table(table, dest: str | Path) -> Path:
     """Write a pyarrow table to ``dest`` atomically."""
-    dest = Path(dest)
-    tmp = atomic_path(dest)
-    try:
+    with atomic_path(dest) as tmp:
         pa().parquet.write_table(table, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return dest
+    return Path(dest)
 
 
 def write_text(dest: str | Path, text: str) -> Path:
-    dest = Path(dest)
-    tmp = atomic_path(dest)
-    try:
+    with atomic_path(dest) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return dest
+    return Path(dest)
+
+
+def write_tables(tables, dest: str | Path, empty: str, cast: bool = False) -> Path:
+    """Stream pyarrow ``tables`` into one Parquet file at ``dest`` (atomically; the first table's schema, the
+    others cast to it with ``cast``); ``empty``: the error when there is no table at all."""
+    pyarrow = pa()
+    with atomic_path(dest) as tmp:
+        writer = None
+        try:
+            for t in tables:
+                if writer is None:
+                    writer = pyarrow.parquet.ParquetWriter(tmp, t.schema)
+                writer.write_table(t.cast(writer.schema) if cast else t)
+            if writer is None:
+                raise CurateError(empty)
+        finally:
+            if writer is not None:
+                writer.close()
+    return Path(dest)
 
 
 def open_manifest(path: str | Path):
@@ -122,30 +118,15 @@ def rewrite(src, dest, update: Callable[[int, object], object], batch_size: int 
 
     ``src`` and ``dest`` may be the same file (the result is written under a temporary name first).
     """
-    pyarrow = pa()
     pf = open_manifest(src)
-    dest = Path(dest)
-    tmp = atomic_path(dest)
-    writer = None
-    try:
+
+    def tables():
         offset = 0
         for rb in pf.iter_batches(batch_size=batch_size):
-            t = update(offset, rb)
+            yield update(offset, rb)
             offset += rb.num_rows
-            if writer is None:
-                writer = pyarrow.parquet.ParquetWriter(tmp, t.schema)
-            writer.write_table(t)
-        if writer is None:
-            raise CurateError(f"the manifest '{src}' has no rows.")
-        writer.close()
-        writer = None
-        os.replace(tmp, dest)
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    return dest
+
+    return write_tables(tables(), dest, f"the manifest '{src}' has no rows.")
 
 
 def set_column(table, name: str, values, type_=None):

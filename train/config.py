@@ -168,6 +168,7 @@ class DistillSection:
     gan_weight: float = 0.0  # generator GAN loss weight (0 = no GAN head; DMD2 SDXL 5e-3)
     gan_d_weight: float = 1e-2  # discriminator loss weight
     gan_layer: int = -1  # the fake score's block whose image tokens feed the head
+    gan_head: str = "pooled"  # pooled (one logit from the mean image token) | tokens (a logit per image token)
     teacher_dtype: str = "auto"  # frozen teacher / shared base: bf16 on CUDA, fp32 on CPU
     lora_rank: int = 32  # rank of the exported LoRA delta (0 = no LoRA export)
     export_diffusers: bool = True  # also write the student in the diffusers layout
@@ -327,6 +328,7 @@ class TrainConfig:
             "simulation": ("euler", "renoise"),
             "student": ("full", "lora"),
             "fake": ("lora", "full"),
+            "gan_head": ("pooled", "tokens"),
             "teacher_dtype": ("auto", "bf16", "fp16", "fp32"),
         }
         for key, allowed in choices.items():

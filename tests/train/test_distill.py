@@ -230,6 +230,28 @@ def test_ttur_fake_updates_per_generator_update(tmp_path, shapes, cache, teacher
     assert dist.batches.state_dict()["position"] + dist.batches.steps_per_epoch * dist.batches.epoch >= 16
 
 
+def test_the_token_gan_head_judges_every_region(tmp_path, shapes, cache, teacher):
+    """``gan_head = "tokens"``: a logit per image token (a patch discriminator); two images whose tokens have the same
+    mean but a different layout look the same to the pooled head and different to the token head."""
+    dist = distiller(
+        tmp_path / "run", shapes, cache, teacher, max_steps=1, distill__gan_weight="0.01", distill__gan_head="tokens"
+    )
+    res = dist.train()
+    metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert res.step == 1 and all(torch.isfinite(torch.tensor([metrics["gan_d"], metrics["gan_g"]])))
+    x = torch.randn(2, dist.dit_config.in_channels, 4, 4)
+    cond = [torch.randn(3, dist.dit_config.cap_feat_dim) for _ in range(2)]
+    with torch.no_grad():
+        _, feats = dist._fake_features(x, torch.full((2,), 0.5), cond)
+        assert feats.shape == (2, 4, dist.dit_config.dim)  # 4x4 latents, patch 2: four image tokens
+        u, w = feats[0, 0], feats[0, 1]
+        varied, flat = torch.stack([u, w])[None], torch.stack([(u + w) / 2, (u + w) / 2])[None]  # the same mean
+        head = dist.nets.gan
+        assert torch.allclose(head(varied.mean(1)), head(flat.mean(1)))  # pooled: blind to the layout
+        assert head(varied).shape == (1, 2)
+        assert not torch.allclose(head(varied).mean(1), head(flat).mean(1))  # tokens: sees it
+
+
 def _tensors(run: Path, step: int) -> dict[str, torch.Tensor]:
     folder = run / "checkpoints" / ck.step_name(step)
     return {f"{f.name}/{k}": v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}

@@ -54,7 +54,9 @@ def trainable_copy(dit: ZImageDiT) -> ZImageDiT:
 
 
 class GanHead(nn.Module):
-    """DMD2's discriminator head: a small MLP on the fake score's pooled image-token features -> one logit."""
+    """DMD2's discriminator head: a small MLP on the fake score's image-token features -> logits: one per sample
+    from the pooled features ``[B, dim]``, or one per token from ``[B, N, dim]`` (a patch discriminator: the
+    losses average them, so it judges every region of the image rather than only global statistics)."""
 
     def __init__(self, dim: int, seed: int = 0):
         super().__init__()
@@ -71,13 +73,15 @@ class GanHead(nn.Module):
 
 
 @contextmanager
-def capture_features(dit: ZImageDiT, layer: int, n_img: int):
-    """Within the block, ``store["feats"]`` holds the mean image-token output ``[B, dim]`` of ``dit.layers[layer]``
-    from the latest forward (the joint sequence starts with the image tokens)."""
+def capture_features(dit: ZImageDiT, layer: int, n_img: int, pooled: bool = True):
+    """Within the block, ``store["feats"]`` holds the image-token output of ``dit.layers[layer]`` from the latest
+    forward (the joint sequence starts with the image tokens): their mean ``[B, dim]`` when ``pooled``, else every
+    token ``[B, n_img, dim]``."""
     store: dict = {}
 
     def hook(module, inputs, output):
-        store["feats"] = output[:, :n_img].float().mean(dim=1)
+        feats = output[:, :n_img].float()
+        store["feats"] = feats.mean(dim=1) if pooled else feats
 
     try:
         block = dit.layers[layer]

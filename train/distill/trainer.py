@@ -227,10 +227,11 @@ class Distiller(RunBase):
         return delta, terms
 
     def _fake_features(self, x: torch.Tensor, sigma: torch.Tensor, cond) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fake score's velocity at ``x`` and its pooled features for the GAN head."""
+        """The fake score's velocity at ``x`` and its image-token features for the GAN head (``gan_head``)."""
         h, w = x.shape[-2:]
         n_img = (h // self.dit_config.patch_size) * (w // self.dit_config.patch_size)
-        with capture_features(self.nets.fake, self.cfg.distill.gan_layer, n_img) as store:
+        d = self.cfg.distill
+        with capture_features(self.nets.fake, d.gan_layer, n_img, d.gan_head == "pooled") as store:
             v = Denoiser(self.nets.fake, cond, None, (h, w))(x, sigma)
         return v, store["feats"]
 

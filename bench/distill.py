@@ -1,7 +1,7 @@
 """Proof that distillation works: a tiny teacher that needs ~30 steps with CFG, distilled into 4- and 8-step students
 that need neither, judged on the decoded images.
 
-    python bench/distill.py [--teacher-steps 1500] [--distill-steps 300] [--seeds 64] [--jobs 2] [--work DIR]
+    python bench/distill.py [--teacher-steps 1500] [--distill-steps 300] [--seeds 256] [--jobs 2] [--work DIR]
 
 1. The synthetic shapes of ``bench/learn.py`` (4 captions x 32 images, 64x64) and its teacher recipe (a tiny DiT
    trained from scratch with ``train.trainer.Trainer``, EMA weights), with one change: the VAE is a **PCA patch
@@ -12,8 +12,13 @@ that need neither, judged on the decoded images.
 2. Distillation with ``train.distill.Distiller`` (each run in its own process, for its peak RSS): Decoupled DMD and
    DMD2 to 4 and 8 steps, and the CFG-augmentation-only ablation to 4 steps. Fake score = LoRA on the frozen
    teacher, TTUR 3, student AdamW lr 3e-5, 300 generator updates, backward simulation with the Euler sampler, teacher cfg 3.
+   ``--runs`` adds per-run overrides (``dmd2:4+gan_weight=0.02``); ``--teacher-data N`` draws N images per caption
+   from the teacher (30 steps, cfg 3, seeds of their own) as a folder dataset, the real latents of runs with
+   ``+data=teacher`` (the GAN head then learns the teacher's outputs, as LADD does, instead of the training shapes).
 3. Every setting draws each caption for ``--seeds`` seeds with the engine's pipeline (Euler, the training shift);
-   images are decoded and judged by their structure, never by latents:
+   images are decoded and judged by their structure, never by latents (256 seeds = 1024 images per setting: with
+   64 the Frechet distance's finite-sample bias, the teacher's own floor of 0.39, hides differences of 0.1-0.2;
+   with 256 that floor is 0.09):
    - *caption accuracy*: the object (pixels away from the grey background) must have the caption's colour (nearest
      class colour of its mean) AND its shape (the bounding-box-normalised mask's best IoU among the training
      images' masks must be an image of the caption's class);
@@ -56,6 +61,7 @@ from zimage_core.vae import pil_to_tensor  # noqa: E402
 
 PATCH, CHANNELS = 8, 16
 VAE_FILE = "vae.pt"  # the fitted PatchPCA in the work folder; runs name it as model.vae
+TEACHER_DATA = "teacher_shapes"  # --teacher-data: the teacher's 30-step CFG images, the data of runs with data=teacher
 CFG = 3.0
 
 
@@ -265,8 +271,9 @@ def generate(dit, te, vae, captions, seeds, steps: int, cfg: float, shift: float
 # Distillation runs (each in a child process)
 # ---------------------------------------------------------------------------------------------
 def parse_run(text: str) -> tuple[str, int, dict]:
-    """``method:steps[+key=value...]`` -> (method, steps, overrides); ``max_steps`` and ``lr`` are the run's and
-    the student's, other keys are ``[distill]`` keys (values read as JSON where they parse, e.g. ``dmd2:4+gan_weight=0.005+max_steps=600``)."""
+    """``method:steps[+key=value...]`` -> (method, steps, overrides); ``max_steps``, ``seed``, ``lr`` and
+    ``ema_decay`` are the run's and the student's, ``data`` picks the run's data (``real`` shapes or the ``teacher``'s images), other keys
+    are ``[distill]`` keys (values read as JSON where they parse, e.g. ``dmd2:4+gan_weight=0.005+max_steps=600``)."""
     head, *pairs = text.split("+")
     method, steps = head.split(":")
     extra = {}
@@ -299,10 +306,16 @@ def distill_config(
     extra = dict(extra or {})
     name = f"{method}_{steps}" + "".join(f"_{k}{v}" for k, v in extra.items())  # every override: its own folder
     max_steps = extra.pop("max_steps", max_steps)
+    run_seed = extra.pop("seed", seed)  # the run's randomness; the text encoder stays the teacher's (encoder_seed)
+    source = extra.pop("data", "real")  # real: the training shapes; teacher: the teacher's own images (--teacher-data)
+    if source not in ("real", "teacher"):
+        raise SystemExit(f"data={source}: the data of a run is 'real' (the training shapes) or 'teacher'")
+    if source == "teacher":
+        data = work / TEACHER_DATA
     cfg = {
         "name": name,
         "output_dir": str(work / name),
-        "seed": seed,
+        "seed": run_seed,
         "max_steps": max_steps,
         "log_every": 10,
         "device": "cpu",
@@ -315,7 +328,7 @@ def distill_config(
             "max_batch": 32,
             "caption_levels": {"caption": 1.0},
             "caption_dropout": 0.0,
-            "cache_dir": str(work / "cache_distill"),
+            "cache_dir": str(work / ("cache_distill" if source == "real" else "cache_distill_teacher")),
         },
         "distill": {
             "method": method,
@@ -339,6 +352,8 @@ def distill_config(
     }
     if "lr" in extra:
         cfg["optim"]["lr"] = extra.pop("lr")
+    if "ema_decay" in extra:
+        cfg["ema"]["decay"] = extra.pop("ema_decay")
     cfg["distill"].update(extra)
     return cfg
 
@@ -388,7 +403,37 @@ def run_child(spec: dict, work: Path, script: str = __file__, what: str = "disti
     out = subprocess.run([sys.executable, script, "--child", str(path)], capture_output=True, text=True, env=env)
     if out.returncode:
         raise RuntimeError(f"{what} {spec['config']['name']} failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    path.with_suffix(".result.json").write_text(json.dumps(info))  # for --reuse
+    return info
+
+
+def reused_run(spec: dict, work: Path, script: str = __file__) -> dict | None:
+    """The info of a finished run of exactly ``spec`` (the spec file ``run_child`` wrote, the export, all
+    ``max_steps`` in its metrics), or None; its timings from the result ``run_child`` saved, else the metrics."""
+    c = spec["config"]
+    spec_file = work / f"{Path(script).stem}_{c['name'].replace('@', '_')}.json"
+    student = Path(c["output_dir"]) / "export" / f"{c['name']}_{c['distill']['student_steps']}step_student.safetensors"
+    metrics = Path(c["output_dir"]) / "metrics.jsonl"
+    if not (spec_file.is_file() and student.is_file() and metrics.is_file()):
+        return None
+    if json.loads(spec_file.read_text()) != spec:
+        return None
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    if not rows or rows[-1]["step"] != c["max_steps"]:
+        return None
+    saved = spec_file.with_suffix(".result.json")
+    if saved.is_file():
+        return {**json.loads(saved.read_text()), "reused": True}
+    sec = float(np.mean([r["sec_per_step"] for r in rows if "sec_per_step" in r]))
+    return {
+        "student": str(student),
+        "steps": rows[-1]["step"],
+        "sec_per_step": sec,
+        "peak_rss_mb": None,
+        "reused": True,
+        "last": rows[-1],
+    }
 
 
 def load_student(path: str):
@@ -411,6 +456,28 @@ def save_grid(folder: str | None, name: str, imgs: np.ndarray, n_captions: int, 
     Image.fromarray((grid * 255).round().astype(np.uint8)).save(Path(folder) / f"{slug}.png")
 
 
+def write_teacher_data(work: Path, teacher, te, vae, captions: list[str], per_caption: int, shift: float) -> dict:
+    """The teacher's 30-step cfg-3 images (seeds 20000 + i: neither the judge's nor the reference's) as a folder
+    dataset (PNG + ``.txt`` caption) in ``work/teacher_shapes``; kept while its size matches."""
+    import shutil
+
+    from PIL import Image
+
+    folder = work / TEACHER_DATA
+    if len(list(folder.glob("*.png"))) == per_caption * len(captions):
+        return {"images": per_caption * len(captions), "reused": True}
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(work / "cache_distill_teacher", ignore_errors=True)
+    folder.mkdir(parents=True)
+    t0 = time.perf_counter()
+    imgs, labels = generate(teacher, te, vae, captions, list(range(20000, 20000 + per_caption)), 30, CFG, shift)
+    for i, (img, lab) in enumerate(zip(imgs, labels)):
+        stem = folder / f"teacher_{i:05d}"
+        Image.fromarray((img * 255).round().astype(np.uint8)).save(stem.with_suffix(".png"))
+        stem.with_suffix(".txt").write_text(captions[lab] + "\n", encoding="utf-8")
+    return {"images": len(imgs), "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def uptime() -> str:
     try:
         return open("/proc/loadavg").read().split(" ")[:3].__str__()
@@ -422,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--teacher-steps", type=int, default=1500, help="teacher training steps (batch 64)")
     ap.add_argument("--distill-steps", type=int, default=300, help="generator updates per distillation run")
-    ap.add_argument("--seeds", type=int, default=64, help="generations per caption and setting")
+    ap.add_argument("--seeds", type=int, default=256, help="generations per caption and setting")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lr", type=float, default=3e-5, help="the student's AdamW learning rate")
@@ -432,7 +499,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--runs",
         default="decoupled_dmd:4,dmd2:4,ca_only:4,decoupled_dmd:8,dmd2:8",
-        help="METHOD:STEPS[+KEY=VALUE...], comma-separated (KEY: max_steps, lr or a [distill] key)",
+        help="METHOD:STEPS[+KEY=VALUE...], comma-separated (KEY: max_steps, seed, lr, ema_decay, data=real|teacher or a [distill] key)",
+    )
+    ap.add_argument(
+        "--teacher-data",
+        type=int,
+        default=0,
+        help="draw this many images per caption from the teacher (30 steps, cfg 3, other seeds than the judge's) as the "
+        "data of runs with +data=teacher (LADD-style synthetic data for the GAN head)",
+    )
+    ap.add_argument(
+        "--judge-seeds",
+        default="1000",
+        help="first seed of each judged seed set, comma-separated: the table uses the first, the others add the FD "
+        "of every few-step setting on their seeds (the reference draw keeps seeds 5000 + i)",
+    )
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="judge a run's saved student again instead of retraining it, when its folder in --work holds the "
+        "finished export of the same spec (time per step then from its metrics.jsonl, peak RSS not measured)",
     )
     ap.add_argument("--json", default=str(ROOT / "bench" / "distill_results.json"))
     ap.add_argument("--work", help="keep the work folder here; a teacher.safetensors already in it is reused")
@@ -507,8 +593,20 @@ def main(argv: list[str] | None = None) -> int:
         te = random_tiny_text_encoder(args.seed)
         shift = round(math.exp(dynamic_mu((SIZE // 16) ** 2)), 3)
         # the reference draw uses its own seeds: a setting drawn from the same noise would look closer than it is
-        seeds = list(range(1000, 1000 + args.seeds))
+        bases = [int(b) for b in args.judge_seeds.split(",")]
+        seeds = list(range(bases[0], bases[0] + args.seeds))
         ref_seeds = list(range(5000, 5000 + args.seeds))
+        if any(set(range(b, b + args.seeds)) & set(ref_seeds) for b in bases):
+            raise SystemExit("--judge-seeds: a judged seed set overlaps the reference's (5000 + i)")
+
+        def more_sets(dit, steps: int, c: float) -> dict:
+            """The FD of a few-step setting on the further judged seed sets (``--judge-seeds``)."""
+            out = {str(bases[0]): None}
+            for b in bases[1:]:
+                imgs, _ = generate(dit, te, vae, captions, list(range(b, b + args.seeds)), steps, c, shift)
+                out[str(b)] = frechet(judge.features(imgs), ref_feats)
+            return out
+
         t_gen = time.perf_counter()
         ref_imgs, _ = generate(teacher, te, vae, captions, ref_seeds, 30, CFG, shift)
         ref_feats = judge.calibrate(ref_imgs)
@@ -523,9 +621,14 @@ def main(argv: list[str] | None = None) -> int:
         for name, (dit, steps, c, sd) in settings.items():
             imgs, labs = generate(dit, te, vae, captions, sd, steps, c, shift)
             rows[name] = judge.report(imgs, labs, ref_feats)
+            if steps <= 8 and len(bases) > 1:
+                rows[name]["frechet_by_seeds"] = {**more_sets(dit, steps, c), str(bases[0]): rows[name]["frechet"]}
             save_grid(args.grids, name, imgs, len(captions))
             print(f"{name}: {rows[name]}")
         report["teacher_generate_seconds"] = round(time.perf_counter() - t_gen, 1)
+
+        if args.teacher_data:
+            report["teacher_data"] = write_teacher_data(work, teacher, te, vae, captions, args.teacher_data, shift)
 
         # 2. the students
         runs = {}
@@ -557,7 +660,12 @@ def main(argv: list[str] | None = None) -> int:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(args.jobs) as pool:
-            infos = dict(zip(specs, pool.map(lambda sp: run_child(sp, work), specs.values())))
+            infos = dict(
+                zip(
+                    specs,
+                    pool.map(lambda sp: (args.reuse and reused_run(sp, work)) or run_child(sp, work), specs.values()),
+                )
+            )
         for (method, steps, extra), info in infos.items():
             info["load_after"] = uptime()
             runs[f"{method}:{steps}{extra if extra != '{}' else ''}"] = info
@@ -565,25 +673,37 @@ def main(argv: list[str] | None = None) -> int:
             imgs, labs = generate(student, te, vae, captions, seeds, steps, 1.0, shift)
             name = run_label(method, steps, json.loads(extra))
             rows[name] = judge.report(imgs, labs, ref_feats)
+            if len(bases) > 1:
+                rows[name]["frechet_by_seeds"] = {
+                    **more_sets(student, steps, 1.0),
+                    str(bases[0]): rows[name]["frechet"],
+                }
             save_grid(args.grids, name, imgs, len(captions))
             rows[name]["sec_per_step"] = round(info["sec_per_step"], 3)
-            rows[name]["peak_rss_mb"] = round(info["peak_rss_mb"], 1)
-            print(f"{name}: {rows[name]}  ({info['sec_per_step']:.2f} s/step, peak RSS {info['peak_rss_mb']:.0f} MB)")
+            rows[name]["peak_rss_mb"] = info["peak_rss_mb"] and round(info["peak_rss_mb"], 1)
+            rows[name]["reused"] = bool(info.get("reused"))
+            print(f"{name}: {rows[name]}  ({info['sec_per_step']:.2f} s/step, peak RSS {info['peak_rss_mb']} MB)")
         report["runs"] = runs
         report["rows"] = rows
     ref = rows["teacher 30 steps, cfg 3"]
     four = rows["teacher 4 steps, cfg 3"]
     goals = {}
+
+    def fd_sets(r: dict) -> dict:
+        return r.get("frechet_by_seeds") or {"": r["frechet"]}
+
     for name, r in rows.items():
         if name.startswith("student ") and ", 4 steps, cfg 1" in name:
             goals[name[len("student ") :]] = {
                 "within_5_points": r["accuracy"] >= ref["accuracy"] - 0.05,
                 "closer_than_teacher_4_steps_cfg": r["frechet"] < four["frechet"],
+                "closer_on_every_judged_seed_set": all(v < fd_sets(four)[b] for b, v in fd_sets(r).items()),
             }
     report.update(
         {
             "goals": goals,
             "seeds_per_caption": args.seeds,
+            "judge_seeds": args.judge_seeds,
             "shift": shift,
             "distill_steps": args.distill_steps,
             "threads": args.threads,
@@ -596,6 +716,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rows.items():
         print(
             f"{name:<52} {r['accuracy']:>6.1%} {r.get('frechet', float('nan')):>8.2f} {r['saturation']:>6.3f} {r['in_between']:>8.4f}"
+            + (
+                "  FD by seed set " + " ".join(f"{v:.2f}" for v in r["frechet_by_seeds"].values())
+                if "frechet_by_seeds" in r
+                else ""
+            )
         )
     print(f"goals: {goals}; total {report['total_seconds']:.0f}s; load {report['load_start']} -> {report['load_end']}")
     return 0

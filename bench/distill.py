@@ -272,8 +272,9 @@ def generate(dit, te, vae, captions, seeds, steps: int, cfg: float, shift: float
 # ---------------------------------------------------------------------------------------------
 def parse_run(text: str) -> tuple[str, int, dict]:
     """``method:steps[+key=value...]`` -> (method, steps, overrides); ``max_steps``, ``seed``, ``lr`` and
-    ``ema_decay`` are the run's and the student's, ``data`` picks the run's data (``real`` shapes or the ``teacher``'s images), other keys
-    are ``[distill]`` keys (values read as JSON where they parse, e.g. ``dmd2:4+gan_weight=0.005+max_steps=600``)."""
+    ``ema_decay`` are the run's and the student's, ``data`` picks the run's data (``real`` shapes or the
+    ``teacher``'s images), other keys are ``[distill]`` keys (values read as JSON where they parse, e.g.
+    ``dmd2:4+gan_weight=0.005+max_steps=600``)."""
     head, *pairs = text.split("+")
     method, steps = head.split(":")
     extra = {}
@@ -518,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
         "--reuse",
         action="store_true",
         help="judge a run's saved student again instead of retraining it, when its folder in --work holds the "
-        "finished export of the same spec (time per step then from its metrics.jsonl, peak RSS not measured)",
+        "finished export of the same spec (its time per step and peak RSS from the result saved with it; runs older than "
+        "that: the time from its metrics.jsonl, no peak RSS)",
     )
     ap.add_argument("--json", default=str(ROOT / "bench" / "distill_results.json"))
     ap.add_argument("--work", help="keep the work folder here; a teacher.safetensors already in it is reused")

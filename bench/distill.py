@@ -396,9 +396,14 @@ def child(spec_path: str) -> None:
     print(json.dumps({**times, "last": rows[-1]}))
 
 
+def spec_path(spec: dict, work: Path, script: str) -> Path:
+    """Where :func:`run_child` writes a run's spec (its result beside it, ``.result.json``)."""
+    return work / f"{Path(script).stem}_{spec['config']['name'].replace('@', '_')}.json"
+
+
 def run_child(spec: dict, work: Path, script: str = __file__, what: str = "distillation") -> dict:
     """Run ``script --child SPEC`` in a fresh process; its last stdout line (JSON)."""
-    path = work / f"{Path(script).stem}_{spec['config']['name'].replace('@', '_')}.json"
+    path = spec_path(spec, work, script)
     path.write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, script, "--child", str(path)], capture_output=True, text=True, env=env)
@@ -413,7 +418,7 @@ def reused_run(spec: dict, work: Path, script: str = __file__) -> dict | None:
     """The info of a finished run of exactly ``spec`` (the spec file ``run_child`` wrote, the export, all
     ``max_steps`` in its metrics), or None; its timings from the result ``run_child`` saved, else the metrics."""
     c = spec["config"]
-    spec_file = work / f"{Path(script).stem}_{c['name'].replace('@', '_')}.json"
+    spec_file = spec_path(spec, work, script)
     student = Path(c["output_dir"]) / "export" / f"{c['name']}_{c['distill']['student_steps']}step_student.safetensors"
     metrics = Path(c["output_dir"]) / "metrics.jsonl"
     if not (spec_file.is_file() and student.is_file() and metrics.is_file()):
@@ -601,9 +606,9 @@ def main(argv: list[str] | None = None) -> int:
         if any(set(range(b, b + args.seeds)) & set(ref_seeds) for b in bases):
             raise SystemExit("--judge-seeds: a judged seed set overlaps the reference's (5000 + i)")
 
-        def more_sets(dit, steps: int, c: float) -> dict:
-            """The FD of a few-step setting on the further judged seed sets (``--judge-seeds``)."""
-            out = {str(bases[0]): None}
+        def fd_by_seeds(dit, steps: int, c: float, first: float) -> dict:
+            """The FD of a few-step setting on every judged seed set (``--judge-seeds``; ``first``: the first's)."""
+            out = {str(bases[0]): first}
             for b in bases[1:]:
                 imgs, _ = generate(dit, te, vae, captions, list(range(b, b + args.seeds)), steps, c, shift)
                 out[str(b)] = frechet(judge.features(imgs), ref_feats)
@@ -624,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
             imgs, labs = generate(dit, te, vae, captions, sd, steps, c, shift)
             rows[name] = judge.report(imgs, labs, ref_feats)
             if steps <= 8 and len(bases) > 1:
-                rows[name]["frechet_by_seeds"] = {**more_sets(dit, steps, c), str(bases[0]): rows[name]["frechet"]}
+                rows[name]["frechet_by_seeds"] = fd_by_seeds(dit, steps, c, rows[name]["frechet"])
             save_grid(args.grids, name, imgs, len(captions))
             print(f"{name}: {rows[name]}")
         report["teacher_generate_seconds"] = round(time.perf_counter() - t_gen, 1)
@@ -676,10 +681,7 @@ def main(argv: list[str] | None = None) -> int:
             name = run_label(method, steps, json.loads(extra))
             rows[name] = judge.report(imgs, labs, ref_feats)
             if len(bases) > 1:
-                rows[name]["frechet_by_seeds"] = {
-                    **more_sets(student, steps, 1.0),
-                    str(bases[0]): rows[name]["frechet"],
-                }
+                rows[name]["frechet_by_seeds"] = fd_by_seeds(student, steps, 1.0, rows[name]["frechet"])
             save_grid(args.grids, name, imgs, len(captions))
             rows[name]["sec_per_step"] = round(info["sec_per_step"], 3)
             rows[name]["peak_rss_mb"] = info["peak_rss_mb"] and round(info["peak_rss_mb"], 1)

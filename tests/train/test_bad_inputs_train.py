@@ -206,6 +206,28 @@ def test_rl_and_distill_starts_check_model_files(tmp_path, capsys, case, config,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["policy.safetensors"]  # no run folder, no cache
 
 
+# ---- [distill] choices: refused when the configuration is read, before anything is made ----------------------
+DISTILL_CASES = [
+    ("gan-head", "distill.gan_head='patch'", ["distill.gan_head", "patch", "pooled, tokens"]),
+    ("simulation", "distill.simulation='heun'", ["distill.simulation", "heun", "euler, renoise"]),
+    ("fake", "distill.fake='none'", ["distill.fake", "lora, full"]),
+    ("student-input", "distill.student_input='noise'", ["distill.student_input", "backward, real"]),
+]
+
+
+@pytest.mark.parametrize("case,arg,words", DISTILL_CASES, ids=[c[0] for c in DISTILL_CASES])
+def test_distill_choice_bad_input(tmp_path, capsys, case, arg, words):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    argv = [
+        str(ROOT / "train" / "configs" / "distill_synthetic.toml"),
+        f"output_dir='{out}'",
+        f"data.cache_dir='{cache}'",
+    ]
+    rc, err = call(run_main, [*argv, arg, "--no-progress", "-q"], capsys)
+    assert_one_clean_line(rc, err, ["must be one of", *words])
+    assert list(tmp_path.iterdir()) == []  # no run folder, no cache
+
+
 def test_train_run_config_file_problems(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text("max_steps = [\n")
